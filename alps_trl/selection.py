@@ -1,0 +1,333 @@
+"""`HeadSelection`: which attention heads train, as a reusable, versioned artifact; and the strategies.
+
+Layer 3 (selection half). Pure tensor/JSON code: no model loading here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FORMAT_NAME = "alps_trl.head_selection"
+FORMAT_VERSION = 1
+STRATEGIES = ("top_k", "random", "layer_consistent")
+
+
+class HeadSelectionError(ValueError):
+    """A heads file is malformed, foreign, or made for another model shape."""
+
+
+def validate_ratio(ratio: float) -> float:
+    """Return `ratio` as float if it lies in (0, 1], else raise a ValueError saying what to change."""
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"ALPS ratio must be a number in (0, 1], got {ratio!r}.") from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise ValueError(
+            f"ALPS ratio must be in (0, 1] (the fraction of all attention heads that train; the paper uses 0.1), "
+            f"got {ratio!r}."
+        )
+    return value
+
+
+def num_selected(ratio: float, num_layers: int, num_heads: int) -> int:
+    """K = ceil(ratio * L * H), with the product rounded to 9 decimals first (0.1 * 60 -> 6, not 7)."""
+    ratio = validate_ratio(ratio)
+    return max(1, math.ceil(round(ratio * num_layers * num_heads, 9)))
+
+
+def select_top_k(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """The k (layer, head) pairs with the highest scores over the whole model.
+
+    Args:
+        scores: float [L, H].
+    Ties break by (layer, head) ascending: a stable sort on the row-major flattening.
+    """
+    flat = scores.detach().to(torch.float64).flatten().cpu()
+    order = torch.sort(-flat, stable=True).indices[:k]
+    num_heads = scores.shape[1]
+    return sorted((int(i) // num_heads, int(i) % num_heads) for i in order)
+
+
+def select_random(num_layers: int, num_heads: int, k: int, seed: int) -> list[tuple[int, int]]:
+    """k heads uniformly at random over the whole model (seeded, independent of global RNG)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(num_layers * num_heads, generator=gen)[:k]
+    return sorted((int(i) // num_heads, int(i) % num_heads) for i in idx)
+
+
+def select_layer_consistent(num_layers: int, num_heads: int, k: int, seed: int) -> list[tuple[int, int]]:
+    """LC baseline: the same number of random heads in every layer, ceil(k / L) per layer."""
+    per_layer = min(num_heads, max(1, math.ceil(round(k / num_layers, 9))))
+    gen = torch.Generator().manual_seed(seed)
+    heads = []
+    for layer in range(num_layers):
+        for h in torch.randperm(num_heads, generator=gen)[:per_layer]:
+            heads.append((layer, int(h)))
+    return sorted(heads)
+
+
+@dataclass
+class HeadSelection:
+    """The set of trainable attention heads of a model.
+
+    Attributes:
+        num_layers, num_heads, num_kv_heads: the model's L, H, KV.
+        heads: sorted list of (layer, query_head) pairs that train.
+        scores: float64 [L, H] localization scores, or None for score-free strategies.
+        metric, ratio, strategy: how the selection was made.
+        head_dim, hidden_size, model_type: model shape, checked by `check_compatible` when known.
+        provenance: free-form strings (base/task names, seed, ...).
+    """
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    heads: list[tuple[int, int]]
+    scores: torch.Tensor | None = None
+    metric: str = "pad"
+    ratio: float = 0.1
+    strategy: str = "top_k"
+    head_dim: int | None = None
+    hidden_size: int | None = None
+    model_type: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.heads = sorted({(int(layer), int(h)) for layer, h in self.heads})
+        if self.num_heads % self.num_kv_heads:
+            raise HeadSelectionError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}."
+            )
+        for layer, h in self.heads:
+            if not (0 <= layer < self.num_layers and 0 <= h < self.num_heads):
+                raise HeadSelectionError(
+                    f"Head ({layer}, {h}) is outside a model of {self.num_layers} layers x {self.num_heads} heads."
+                )
+        if self.scores is not None:
+            self.scores = torch.as_tensor(self.scores, dtype=torch.float64).cpu()
+            if tuple(self.scores.shape) != (self.num_layers, self.num_heads):
+                raise HeadSelectionError(
+                    f"scores have shape {tuple(self.scores.shape)}, expected ({self.num_layers}, {self.num_heads})."
+                )
+
+    # ---- masks --------------------------------------------------------------------------------
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def mask(self) -> torch.Tensor:
+        """bool [L, H]: True where the query head trains."""
+        m = torch.zeros(self.num_layers, self.num_heads, dtype=torch.bool)
+        for layer, h in self.heads:
+            m[layer, h] = True
+        return m
+
+    def kv_mask(self) -> torch.Tensor:
+        """bool [L, KV]: True where a kv group has at least one selected query head."""
+        return self.mask().view(self.num_layers, self.num_kv_heads, self.group_size).any(dim=-1)
+
+    def heads_in_layer(self, layer: int) -> list[int]:
+        return [h for ly, h in self.heads if ly == layer]
+
+    def trainable_qkv_params(self, head_dim: int | None = None, hidden_size: int | None = None) -> int:
+        """Number of trainable q/k/v weight entries (biases excluded): selected q rows + k/v rows of their groups."""
+        hd = head_dim or self.head_dim
+        d = hidden_size or self.hidden_size
+        if hd is None or d is None:
+            raise ValueError("head_dim and hidden_size are unknown: pass them explicitly.")
+        rows = len(self.heads) * hd + 2 * int(self.kv_mask().sum()) * hd
+        return rows * d
+
+    # ---- identity -----------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Short sha256 of the shape and selected heads: equal on every rank or something is wrong."""
+        payload = json.dumps([self.num_layers, self.num_heads, self.num_kv_heads, self.heads])
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HeadSelection):
+            return NotImplemented
+        return self.fingerprint() == other.fingerprint()
+
+    # ---- compatibility ------------------------------------------------------------------------
+    def check_compatible(self, model_or_config: Any) -> None:
+        """Raise HeadSelectionError if this selection was made for a different model shape.
+
+        Accepts a model, a PretrainedConfig, a config dict, or an `AttentionLayout`.
+        """
+        from alps_trl.anatomy import AttentionLayout
+
+        if isinstance(model_or_config, AttentionLayout):
+            layout = model_or_config
+        elif isinstance(model_or_config, torch.nn.Module):
+            layout = AttentionLayout.from_model(model_or_config)
+        else:
+            layout = AttentionLayout.from_config(model_or_config)
+        sig = layout.shape_signature()
+        mine = {
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+        }
+        for key, value in mine.items():
+            if value is not None and value != sig[key]:
+                raise HeadSelectionError(
+                    f"This head selection was made for a model with {key}={value}, but the model has "
+                    f"{key}={sig[key]} ({self._shape_text()} vs {layout.model_type} with {sig['num_layers']} layers x "
+                    f"{sig['num_heads']} heads, {sig['num_kv_heads']} kv heads). Localize heads for this model "
+                    "(drop alps_heads / head_selection) or pass the heads file made for it."
+                )
+
+    def _shape_text(self) -> str:
+        mt = self.model_type or "model"
+        return f"{mt} with {self.num_layers} layers x {self.num_heads} heads, {self.num_kv_heads} kv heads"
+
+    # ---- persistence --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+            "model_type": self.model_type,
+            "metric": self.metric,
+            "ratio": self.ratio,
+            "strategy": self.strategy,
+            "heads": [list(h) for h in self.heads],
+            "scores": None if self.scores is None else self.scores.tolist(),
+            "provenance": self.provenance,
+            "fingerprint": self.fingerprint(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "heads data") -> HeadSelection:
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise HeadSelectionError(
+                f'{source} is not an ALPS head selection (expected a JSON object with "format": "{FORMAT_NAME}"). '
+                "Create one with `alps-localize BASE TASK --output heads.json` or HeadSelection.save()."
+            )
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise HeadSelectionError(
+                f"{source} has format_version {version!r}; this alps_trl reads version {FORMAT_VERSION}. "
+                "Re-create it with this version of alps-localize."
+            )
+        try:
+            heads = [(int(a), int(b)) for a, b in data["heads"]]
+            sel = cls(
+                num_layers=int(data["num_layers"]),
+                num_heads=int(data["num_heads"]),
+                num_kv_heads=int(data["num_kv_heads"]),
+                heads=heads,
+                scores=None if data.get("scores") is None else torch.tensor(data["scores"], dtype=torch.float64),
+                metric=str(data.get("metric", "pad")),
+                ratio=float(data.get("ratio", 0.1)),
+                strategy=str(data.get("strategy", "top_k")),
+                head_dim=data.get("head_dim"),
+                hidden_size=data.get("hidden_size"),
+                model_type=data.get("model_type"),
+                provenance=dict(data.get("provenance") or {}),
+            )
+        except HeadSelectionError as err:
+            raise HeadSelectionError(f"{source} is inconsistent: {err}") from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise HeadSelectionError(f"{source} is malformed ({type(err).__name__}: {err}).") from None
+        stored = data.get("fingerprint")
+        if stored is not None and stored != sel.fingerprint():
+            raise HeadSelectionError(f"{source} was edited: its fingerprint does not match its heads.")
+        return sel
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this selection as JSON (atomically: a crash never leaves a half-written file)."""
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HeadSelection:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise HeadSelectionError(f"Heads file {path!r} does not exist.")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise HeadSelectionError(f"Heads file {path!r} is not valid JSON: {err}.") from None
+        return cls.from_dict(data, source=f"Heads file {path!r}")
+
+    # ---- presentation -------------------------------------------------------------------------
+    def plot_heatmap(self, path: str | os.PathLike, title: str | None = None) -> None:
+        """Save a PNG heatmap (layers x heads) of the scores, selected heads outlined.
+
+        Without scores the selection mask itself is drawn.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+
+        data = self.scores if self.scores is not None else self.mask().to(torch.float64)
+        label = f"{self.metric} score" if self.scores is not None else "selected"
+        width = max(4.0, min(16.0, 0.35 * self.num_heads + 2))
+        height = max(3.0, min(14.0, 0.3 * self.num_layers + 1.5))
+        fig, ax = plt.subplots(figsize=(width, height))
+        im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        for layer, h in self.heads:
+            ax.add_patch(Rectangle((h - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(
+            title or f"ALPS heads: {len(self.heads)}/{self.num_layers * self.num_heads} selected ({self.strategy})"
+        )
+        fig.colorbar(im, ax=ax, label=label)
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), dpi=100)
+        plt.close(fig)
+
+    def summary(self, top: int = 10) -> str:
+        """Compact text: count, per-layer counts, top heads and score statistics."""
+        total = self.num_layers * self.num_heads
+        lines = [
+            f"{len(self.heads)}/{total} heads selected ({self.strategy}, metric={self.metric}, ratio={self.ratio})"
+        ]
+        per_layer = [len(self.heads_in_layer(i)) for i in range(self.num_layers)]
+        lines.append("per layer: " + " ".join(f"L{i}:{n}" for i, n in enumerate(per_layer)))
+        if self.scores is not None:
+            s = self.scores
+            flat = s.flatten()
+            order = torch.sort(-flat, stable=True).indices[:top]
+            tops = ", ".join(
+                f"({int(i) // self.num_heads},{int(i) % self.num_heads})={float(flat[i]):.3e}" for i in order
+            )
+            lines.append(f"top heads: {tops}")
+            lines.append(
+                f"scores: min {float(s.min()):.3e}  median {float(s.median()):.3e}  "
+                f"mean {float(s.mean()):.3e}  max {float(s.max()):.3e}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return (
+            f"HeadSelection({len(self.heads)} of {self.num_layers}x{self.num_heads} heads, kv={self.num_kv_heads}, "
+            f"strategy={self.strategy!r}, metric={self.metric!r})"
+        )
