@@ -1,0 +1,155 @@
+"""Training configuration: the `alps_*` options and the TRL configs that carry them.
+
+`AlpsArguments` holds only the ALPS options. `AlpsSFTConfig` / `AlpsDPOConfig` combine them with TRL's
+`SFTConfig` / `DPOConfig`, so `TrlParser`, `HfArgumentParser`, YAML recipes and CLI flags
+(`--alps_ratio 0.1`) work unchanged. A plain `SFTConfig` / `DPOConfig` given to an ALPS trainer gets
+the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import DPOConfig, SFTConfig
+
+from alps_trl.selection import STRATEGIES, validate_ratio
+
+METRICS = ("pad", "kl", "js", "cosine", "euclidean")
+MODES = ("auto", "mask", "delta")
+# Fraction of the planned optimizer steps that the probe runs when `alps_probe_steps` is None: the paper's cheap
+# task model is an attention-only fine-tune on about 10% of the data.
+PROBE_FRACTION = 0.1
+
+
+@dataclass
+class AlpsArguments:
+    """ALPS options: how heads are localized and how the update is restricted to them.
+
+    Localization precedence: a `head_selection=` trainer argument, then `alps_heads`, then
+    `alps_task_model`, then a short attention-only probe fine-tune on the training data.
+    """
+
+    alps_ratio: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of all attention heads that train, in (0, 1]. The paper uses 0.1."},
+    )
+    alps_task_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "A model of the same architecture already tuned for the task (local dir or cached hub id). Its "
+            "q/k/v weights are compared with the checkpoint the trained model was loaded from to score heads."
+        },
+    )
+    alps_heads: str | None = field(
+        default=None,
+        metadata={"help": "Path to a saved head selection (alps_heads.json) to reuse; skips localization."},
+    )
+    alps_metric: str = field(
+        default="pad",
+        metadata={"help": f"Head score: one of {', '.join(METRICS)}. 'pad' (Wasserstein-1) is the paper's."},
+    )
+    alps_strategy: str = field(
+        default="top_k",
+        metadata={"help": f"Head selection: one of {', '.join(STRATEGIES)} (random baselines need no scores)."},
+    )
+    alps_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Softmax temperature of the head distributions used by the score (> 0)."},
+    )
+    alps_seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the random / layer_consistent selection strategies."},
+    )
+    alps_probe_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps of the attention-only probe fine-tune that derives a task model when neither "
+            "alps_task_model nor alps_heads is given. None: 10% of the planned training steps (at least 1). "
+            "0 disables the probe (then a task model or heads file is required)."
+        },
+    )
+    alps_mode: str = field(
+        default="auto",
+        metadata={
+            "help": "How the update is restricted: 'mask' (zero gradient rows of unselected heads), 'delta' "
+            "(frozen base + trainable per-head deltas; required for 4-bit bases) or 'auto' (delta for quantized "
+            "bases, mask otherwise)."
+        },
+    )
+    alps_train_non_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "Train everything outside the q/k/v projections (MLP, norms, embeddings, o_proj) as usual, "
+            "as in the paper's main results. False freezes it: only the selected heads' q/k/v rows train."
+        },
+    )
+    alps_restrict_o_proj: bool = field(
+        default=False,
+        metadata={"help": "Also restrict o_proj to the selected heads' input columns (not part of the paper)."},
+    )
+    alps_trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow custom code when reading the config of alps_task_model. Off by default."},
+    )
+
+    def __post_init__(self) -> None:
+        self.validate_alps()
+
+    def validate_alps(self) -> None:
+        """Check the `alps_*` values; raise ValueError naming the field and the accepted values."""
+        try:
+            self.alps_ratio = validate_ratio(self.alps_ratio)
+        except ValueError as err:
+            raise ValueError(f"alps_ratio: {err}") from None
+        if self.alps_metric not in METRICS:
+            raise ValueError(f"alps_metric={self.alps_metric!r} is not known; choose one of {', '.join(METRICS)}.")
+        if self.alps_strategy not in STRATEGIES:
+            raise ValueError(
+                f"alps_strategy={self.alps_strategy!r} is not known; choose one of {', '.join(STRATEGIES)}."
+            )
+        if self.alps_mode not in MODES:
+            raise ValueError(f"alps_mode={self.alps_mode!r} is not known; choose one of {', '.join(MODES)}.")
+        if not float(self.alps_temperature) > 0:
+            raise ValueError(f"alps_temperature must be > 0, got {self.alps_temperature!r}.")
+        if self.alps_probe_steps is not None and int(self.alps_probe_steps) < 0:
+            raise ValueError(
+                "alps_probe_steps must be >= 0 (or None for 10% of the training steps), "
+                f"got {self.alps_probe_steps!r}."
+            )
+
+
+@dataclass
+class AlpsSFTConfig(SFTConfig, AlpsArguments):
+    """`trl.SFTConfig` plus the `alps_*` options of `AlpsArguments`."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_alps()
+
+
+@dataclass
+class AlpsDPOConfig(DPOConfig, AlpsArguments):
+    """`trl.DPOConfig` plus the `alps_*` options of `AlpsArguments`."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_alps()
+
+
+def alps_arguments_of(args: Any) -> AlpsArguments:
+    """The ALPS options of any training config: its own `alps_*` values, or the defaults for a plain TRL config."""
+    if isinstance(args, AlpsArguments):
+        return args
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AlpsArguments) if hasattr(args, f.name)}
+    return AlpsArguments(**values)
+
+
+def planned_probe_steps(alps: AlpsArguments, planned_training_steps: int) -> int:
+    """Probe length in optimizer steps: `alps_probe_steps`, or 10% of the planned training steps (at least 1)."""
+    if alps.alps_probe_steps is not None:
+        return int(alps.alps_probe_steps)
+    import math
+
+    return max(1, math.ceil(PROBE_FRACTION * max(1, int(planned_training_steps))))

@@ -1,0 +1,122 @@
+"""Where a trainer's head selection comes from, and how every process ends up holding the same one.
+
+Helpers of `AlpsTrainerMixin` (layer 5): the selection saved in a checkpoint, a score-free random
+selection, the base weights a task model is scored against, the probe's length, and the
+broadcast-and-verify step across processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from alps_trl.anatomy import AttentionLayout, unwrap_model
+from alps_trl.config import AlpsArguments
+from alps_trl.restriction import is_quantized
+from alps_trl.selection import HeadSelection, num_selected, select_layer_consistent, select_random
+from alps_trl.summary import HEADS_FILE
+
+logger = logging.get_logger(__name__)
+
+
+def selection_from_checkpoint(
+    checkpoint: str, layout: AttentionLayout, given: HeadSelection | None
+) -> HeadSelection | None:
+    """The selection saved in `checkpoint` (None, with a warning, if it has none).
+
+    Raises ValueError if it does not fit the model or differs from a selection the user gave.
+    """
+    path = os.path.join(checkpoint, HEADS_FILE)
+    if not os.path.isfile(path):
+        logger.warning(f"{checkpoint} has no {HEADS_FILE}; localizing heads again.")
+        return None
+    saved = HeadSelection.load(path)
+    saved.check_compatible(layout)
+    if given is not None and given != saved:
+        raise ValueError(
+            f"The head selection given to the trainer differs from the one saved in {path}. Resume without "
+            "head_selection / alps_heads, or start a new run."
+        )
+    logger.info(f"ALPS: resuming with the head selection saved in {path} (no re-localization).")
+    return saved
+
+
+def random_selection(alps: AlpsArguments, layout: AttentionLayout) -> HeadSelection:
+    """The score-free baselines ("random", "layer_consistent"): seeded, no task model needed."""
+    k = num_selected(alps.alps_ratio, layout.num_layers, layout.num_heads)
+    pick = select_random if alps.alps_strategy == "random" else select_layer_consistent
+    return HeadSelection(
+        layout.num_layers,
+        layout.num_heads,
+        layout.num_kv_heads,
+        pick(layout.num_layers, layout.num_heads, k, alps.alps_seed),
+        ratio=alps.alps_ratio,
+        strategy=alps.alps_strategy,
+        metric="none",
+        head_dim=layout.head_dim,
+        hidden_size=layout.hidden_size,
+        model_type=layout.model_type,
+        provenance={"seed": alps.alps_seed},
+    )
+
+
+def base_weight_source(model: torch.nn.Module, trust_remote_code: bool = False):
+    """The base weights a task model is scored against.
+
+    The in-memory model itself (exact, no I/O) unless it is quantized; then the full-precision
+    checkpoint it was loaded from (``config._name_or_path``: a local directory or a cached hub id).
+    """
+    from alps_trl.weights import open_weight_source
+
+    model = unwrap_model(model)
+    if not is_quantized(model):
+        return open_weight_source(model)
+    path = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+    try:
+        return open_weight_source(path, trust_remote_code=trust_remote_code)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise ValueError(
+            f"ALPS scores the task model against the full-precision checkpoint the quantized base was loaded "
+            f"from, but {path!r} cannot be read ({err}). Load the base from a local directory or a cached hub "
+            "id, or pass alps_heads (a selection made with `alps-localize BASE TASK`)."
+        ) from None
+
+
+def planned_training_steps(args: Any, train_dataset: Any) -> int:
+    """Optimizer steps the run plans: max_steps, or epochs x batches per epoch / accumulation (at least 1)."""
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    try:
+        examples = len(train_dataset)
+    except TypeError:
+        return 1
+    batches = math.ceil(examples / max(1, args.per_device_train_batch_size * max(1, args.world_size)))
+    per_epoch = max(1, batches // max(1, args.gradient_accumulation_steps))
+    return max(1, math.ceil(args.num_train_epochs * per_epoch))
+
+
+def share_selection(accelerator: Any, selection: HeadSelection | None) -> HeadSelection:
+    """Broadcast the main process's selection; every rank checks that it holds the same one.
+
+    `selection` may be None on ranks that did not compute one. Raises RuntimeError on a mismatch.
+    """
+    if accelerator.num_processes <= 1:
+        return selection
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    payload = [selection.to_dict() if accelerator.is_main_process else None]
+    broadcast_object_list(payload, from_process=0)
+    shared = HeadSelection.from_dict(payload[0], source="the main process's head selection")
+    if selection is not None and selection != shared:
+        raise RuntimeError(
+            f"Rank {accelerator.process_index} computed head selection {selection.fingerprint()} but the main "
+            f"process uses {shared.fingerprint()}: the processes see different inputs (heads file, model)."
+        )
+    prints = gather_object([shared.fingerprint()])
+    if len(set(prints)) != 1:
+        raise RuntimeError(f"ALPS head selections differ across ranks (fingerprints {prints}).")
+    return shared

@@ -1,0 +1,152 @@
+"""The probe: a short attention-only fine-tune that stands in for a task model.
+
+Without a task model or a saved selection, ALPS (its Table 10) derives the task model cheaply: train
+only the attention q/k/v on a small part of the data, then compare with the base. `run_probe` does
+that inside a trainer, before the real training starts, and leaves no trace: the q/k/v weights are
+restored bit for bit, every requires_grad flag, the train/eval mode, the RNG states and the
+trainer's metric buffers are put back, and the probe's own optimizer is discarded. (When the run
+asks for activation checkpointing, the probe switches it on already, as `Trainer.train` would next.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from alps_trl.anatomy import AttentionLayout, unwrap_model
+
+logger = logging.get_logger(__name__)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore the python, numpy, torch CPU and CUDA RNG states on exit."""
+    py_state, np_state, cpu_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+@contextlib.contextmanager
+def swapped_in(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily write `tensors` (name -> value) into the model's parameters through ``.data``."""
+    params = dict(unwrap_model(model).named_parameters())
+    saved = {}
+    with torch.no_grad():
+        for name, value in tensors.items():
+            saved[name] = params[name].data.clone()
+            params[name].data.copy_(value.to(params[name].device))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].data.copy_(value)
+
+
+def probe_dataloader(trainer: Any) -> torch.utils.data.DataLoader:
+    """A plain (not accelerate-prepared, not sharded) loader over the trainer's training set.
+
+    Every process iterates the same batches in the same seeded order, so a probe run on every rank
+    stays in step with the collectives inside the trainer's `compute_loss`.
+    """
+    import datasets
+
+    args = trainer.args
+    dataset = trainer.train_dataset
+    collator = trainer.data_collator
+    if isinstance(dataset, datasets.Dataset):
+        dataset = trainer._remove_unused_columns(dataset, description="ALPS probe")
+    else:
+        collator = trainer._get_collator_with_removed_columns(collator, description="ALPS probe")
+    kwargs: dict[str, Any] = {"batch_size": args.per_device_train_batch_size, "collate_fn": collator}
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        kwargs["shuffle"] = True
+        kwargs["generator"] = torch.Generator().manual_seed(int(args.seed))
+    return torch.utils.data.DataLoader(dataset, **kwargs)
+
+
+def run_probe(trainer: Any, steps: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Fine-tune all q/k/v weights (everything else frozen) for `steps` optimizer steps, then undo it.
+
+    Uses the trainer's own loss (`compute_loss`), learning rate, Adam betas/epsilon, gradient
+    accumulation and clipping; no weight decay. DPO reference forwards during the probe see the
+    pre-probe q/k/v (through `trainer._alps_probe_reference`).
+
+    Returns:
+        (before, after): the q/k/v weights and biases by parameter name, as CPU tensors in the
+        model's dtype, before and after the probe. The model is back in its `before` state.
+    """
+    args = trainer.args
+    model = trainer.model
+    inner = unwrap_model(model)
+    layout = AttentionLayout.from_model(inner)
+    params = dict(inner.named_parameters())
+    names = [n for lp in layout.layers for n in lp.qkv_tensor_names()]
+    before = {n: params[n].detach().clone() for n in names}
+    flags = {n: p.requires_grad for n, p in inner.named_parameters()}
+    was_training = inner.training
+    metrics = copy.deepcopy(getattr(trainer, "_metrics", None))
+    tokens = getattr(trainer, "_total_train_tokens", None)
+    accumulation = max(1, int(args.gradient_accumulation_steps))
+    logger.info(f"ALPS probe: attention-only fine-tune of all q/k/v for {steps} steps to localize heads.")
+    try:
+        with preserved_rng():
+            for n, p in inner.named_parameters():
+                p.requires_grad_(n in before)
+            trainable = [params[n] for n in names]
+            optimizer = torch.optim.AdamW(
+                trainable,
+                lr=args.learning_rate,
+                betas=(args.adam_beta1, args.adam_beta2),
+                eps=args.adam_epsilon,
+                weight_decay=0.0,
+            )
+            batches = itertools.cycle(probe_dataloader(trainer))
+            model.train()
+            if args.gradient_checkpointing and not getattr(inner, "is_activation_checkpointing", True):
+                # What Trainer.train() turns on right after: the probe needs the same activation memory budget.
+                inner.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs=args.gradient_checkpointing_kwargs
+                )
+            trainer._alps_probe_reference = lambda: swapped_in(inner, before)
+            for _ in range(steps):
+                for _ in range(accumulation):
+                    inputs = trainer._prepare_inputs(next(batches))
+                    with trainer.compute_loss_context_manager():
+                        loss = trainer.compute_loss(model, inputs)
+                    (loss / accumulation).backward()
+                if args.max_grad_norm and args.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            after = {n: params[n].detach().to("cpu", copy=True) for n in names}
+            del optimizer
+    finally:
+        trainer._alps_probe_reference = None
+        with torch.no_grad():
+            for n in names:
+                params[n].data.copy_(before[n])
+        for n, p in inner.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        inner.train(was_training)
+        if metrics is not None:
+            trainer._metrics = metrics
+        if tokens is not None:
+            trainer._total_train_tokens = tokens
+    return {n: t.cpu() for n, t in before.items()}, after

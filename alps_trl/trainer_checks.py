@@ -1,0 +1,95 @@
+"""Checks that refuse bad ALPS combinations before training, and the one transformers check ALPS relaxes.
+
+Used by `AlpsTrainerMixin` before and right after TRL builds the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import transformers
+
+from alps_trl.anatomy import unwrap_model
+from alps_trl.config import AlpsArguments
+from alps_trl.restriction import resolve_mode
+from alps_trl.selection import HeadSelection
+
+
+def model_init_kwargs(args: Any) -> dict:
+    """`args.model_init_kwargs` as a dict (empty when unset)."""
+    return dict(getattr(args, "model_init_kwargs", None) or {})
+
+
+PEFT_MESSAGE = (
+    "ALPS trains selected attention heads itself and cannot be combined with PEFT: drop peft_config (and pass an "
+    "unwrapped model), or use the plain TRL trainer for LoRA."
+)
+
+
+def refuse_before_init(model: Any, args: Any, peft_config: Any, alps: AlpsArguments) -> None:
+    """Errors that can be raised before TRL loads or wraps anything."""
+    if peft_config is not None or hasattr(model, "peft_config"):
+        raise ValueError(PEFT_MESSAGE)
+    if isinstance(model, torch.nn.Module):
+        resolve_mode(alps.alps_mode, model)
+        if alps.alps_heads:
+            HeadSelection.load(alps.alps_heads).check_compatible(unwrap_model(model))
+    # Reentrant activation checkpointing needs no refusal: transformers' `activation_checkpointing_enable` makes the
+    # embedding output require grad, so segments with frozen inputs still pass gradients to the selected rows
+    # (tests/test_trainer_errors.py compares the gradients with and without it).
+
+
+def refuse_deepspeed_mask(args: Any, mode: str) -> None:
+    """Mask mode needs the real gradients in `param.grad`; DeepSpeed ZeRO keeps them in its own partitions."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None and mode == "mask":
+        raise ValueError(
+            f"alps_mode='mask' does not work under DeepSpeed (ZeRO stage {getattr(plugin, 'zero_stage', '?')}): "
+            "DeepSpeed moves and partitions gradients where ALPS cannot zero frozen rows. Use alps_mode='delta', "
+            "or train with DDP / FSDP2."
+        )
+
+
+def refuse_fsdp1(trainer: Any) -> None:
+    """FSDP1 flattens parameters into 1-D views on which no per-row gradient hook fires: only FSDP2 works."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
+    if plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError(
+            "ALPS supports FSDP2 only: FSDP1 flattens parameters, so the rows of frozen heads cannot be masked. Set "
+            "fsdp_version: 2 in the accelerate config (see recipes/accelerate_configs/fsdp2.yaml)."
+        )
+
+
+@contextlib.contextmanager
+def accept_quantized_base():
+    """Let `transformers.Trainer` accept a quantized base without a PEFT adapter.
+
+    Trainer refuses "purely quantized" models because nothing in them could train; ALPS adds its
+    trainable deltas right after TRL's constructor. The other checks of
+    `transformers.trainer_utils.validate_quantization_for_training` (torch.compile, quantization
+    methods that cannot train) still run.
+    """
+    module = transformers.trainer
+    original = getattr(module, "validate_quantization_for_training", None)
+    if original is None:
+        yield
+        return
+
+    def validate(model):
+        if getattr(model, "is_quantized", False) and not hasattr(model, "peft_config"):
+            if hasattr(model, "_orig_mod"):
+                raise ValueError("ALPS cannot train a torch.compile'd quantized model: pass the uncompiled model.")
+            quantizer = getattr(model, "hf_quantizer", None)
+            if quantizer is not None and not quantizer.is_trainable:
+                method = quantizer.quantization_config.quant_method
+                raise ValueError(f"Models quantized with {method} cannot be fine-tuned (transformers says so).")
+            return None
+        return original(model)
+
+    module.validate_quantization_for_training = validate
+    try:
+        yield
+    finally:
+        module.validate_quantization_for_training = original

@@ -1,0 +1,441 @@
+"""`AlpsTrainerMixin`: turns a TRL trainer into an ALPS trainer.
+
+Layer 5. Put it first in the bases (``class AlpsSFTTrainer(AlpsTrainerMixin, SFTTrainer)``). It
+
+1. checks the ALPS options against the model before TRL builds anything it does not have to;
+2. lets TRL build the trainer (a quantized base is accepted: ALPS adds trainable deltas to it);
+3. localizes heads once, when training starts (or when `head_selection` is first read):
+   ``head_selection=`` argument > ``alps_heads`` > ``alps_task_model`` > probe fine-tune; when
+   resuming, the selection saved in the checkpoint is reused and nothing is recomputed. The main
+   process computes, broadcasts, and every rank verifies the fingerprint;
+4. installs the `Restriction` on the unwrapped model, attaches it after ``accelerator.prepare``
+   (``on_train_begin``), zeroes frozen gradient rows after backward and before clipping
+   (`training_step`), keeps restricted q/k/v out of the optimizer's decay group
+   (`get_decay_parameter_names`) and applies their decay to selected rows only right before each
+   optimizer step (``on_pre_optimizer_step``, which runs after clipping);
+5. saves standard checkpoints (delta mode: deltas merged into a copy of the state dict) plus
+   ``alps_heads.json``/``.png``; for a quantized base the small delta file and an ``alps-merge`` hint.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+import transformers
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from alps_trl import head_sources as sources
+from alps_trl import probe as probe_module
+from alps_trl import summary as report
+from alps_trl.anatomy import AttentionLayout, unwrap_model
+from alps_trl.config import AlpsArguments, alps_arguments_of, planned_probe_steps
+from alps_trl.restriction import build_restriction, is_quantized, resolve_mode
+from alps_trl.restriction.delta import load_delta_file, merge_state_dict, save_delta_file
+from alps_trl.selection import HeadSelection
+from alps_trl.trainer_checks import (
+    PEFT_MESSAGE,
+    accept_quantized_base,
+    model_init_kwargs,
+    refuse_before_init,
+    refuse_deepspeed_mask,
+    refuse_fsdp1,
+)
+
+logger = logging.get_logger(__name__)
+
+DELTA_FILE = "alps_delta.safetensors"
+MERGE_HINT_FILE = "ALPS_MERGE.md"
+
+ALPS_PAPER = {
+    "title": "ALPS: Attention Localization and Pruning Strategy for Efficient Alignment of Large Language Models",
+    "id": "2505.18799",
+    # docstyle-ignore
+    "citation": (
+        "@inproceedings{chen2025alps,\n"
+        "    title        = {{ALPS: Attention Localization and Pruning Strategy for Efficient Alignment of Large "
+        "Language Models}},\n"
+        "    author       = {Hao Chen and Haoze Li and Zhiqing Xiao and Lirong Gao and Qi Zhang and Xiaomeng Hu and "
+        "Ningtao Wang and Xing Fu and Junbo Zhao},\n"
+        "    year         = 2025,\n"
+        "    booktitle    = {Findings of the Association for Computational Linguistics: ACL 2025},\n"
+        "    eprint       = {2505.18799},\n"
+        "    archivePrefix = {arXiv},\n"
+        "}"
+    ),
+}
+
+
+class AlpsTrainerMixin:
+    """ALPS behaviour for a TRL trainer; see the module docstring. Adds ``head_selection=`` to the constructor."""
+
+    _alps_probe_reference = None
+
+    def __init__(self, *args: Any, head_selection: HeadSelection | None = None, **kwargs: Any) -> None:
+        bound = self._alps_bind(args, kwargs)
+        targs = bound.get("args")
+        alps = alps_arguments_of(targs) if targs is not None else AlpsArguments()
+        model = bound.get("model")
+        refuse_before_init(model, targs, bound.get("peft_config"), alps)
+        if isinstance(model, torch.nn.Module) and is_quantized(model):
+            # TRL casts every trainable parameter of a quantized model to bf16 (meant for LoRA weights). Nothing of
+            # a quantized base trains under ALPS, so freeze it first and keep its embeddings/norms untouched.
+            unwrap_model(model).requires_grad_(False)
+        elif isinstance(model, str) and (
+            kwargs.get("quantization_config") or model_init_kwargs(targs).get("quantization_config")
+        ):
+            logger.warning(
+                "ALPS: TRL casts the trainable parameters of a quantized model it loads itself to bf16, including "
+                "the embeddings and norms that ALPS keeps frozen. Load the 4-bit model yourself and pass the instance."
+            )
+        with accept_quantized_base():
+            super().__init__(*args, **kwargs)
+        self._alps = alps_arguments_of(self.args)
+        self._alps_explicit = head_selection
+        self._alps_selection: HeadSelection | None = None
+        self._alps_restriction = None
+        self._alps_source: str | None = None
+        self._alps_summary: dict[str, Any] | None = None
+        self._alps_preflight()
+        self.add_callback(AlpsCallback(self))
+
+    # ---- public -------------------------------------------------------------------------------
+    @property
+    def head_selection(self) -> HeadSelection:
+        """The heads that train. Localizes on first access (resuming from ``args.resume_from_checkpoint``)."""
+        if self._alps_selection is None:
+            self._alps_setup(self._alps_resolve_checkpoint(self.args.resume_from_checkpoint))
+        return self._alps_selection
+
+    @property
+    def restriction(self):
+        """The installed `Restriction` (installs it on first access, like `head_selection`)."""
+        if self._alps_restriction is None:
+            self.head_selection  # noqa: B018 - triggers localization and install
+        return self._alps_restriction
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        self._alps_setup(self._alps_resolve_checkpoint(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # ---- transformers.Trainer overrides -------------------------------------------------------
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        """Transformers' decay names minus the restricted q/k/v, whose decay the restriction applies itself."""
+        names = super().get_decay_parameter_names(model)
+        if self._alps_restriction is None:
+            return names
+        exempt = self._alps_restriction.decay_exempt_parameter_names(model)
+        exempt_ids = {id(p) for n, p in unwrap_model(model).named_parameters() if n in exempt}
+        keep = set(names)
+        return [n for n, p in model.named_parameters() if n in keep and id(p) not in exempt_ids]
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # After backward (and the DDP all-reduce on the sync step), before Trainer clips the gradients.
+        if self._alps_restriction is not None and self.accelerator.sync_gradients:
+            self._alps_restriction.mask_gradients(model)
+        return loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP with SHARDED_STATE_DICT, Trainer writes no model files on a final save (checkpoints keep the
+        shards); gather a full state dict instead so output_dir holds a standard checkpoint."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        if plugin is None or _internal_call or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            super().save_model(output_dir, _internal_call)
+        else:
+            previous = plugin.state_dict_type
+            plugin.set_state_dict_type("FULL_STATE_DICT")
+            try:
+                super().save_model(output_dir, _internal_call)
+            finally:
+                plugin.set_state_dict_type(previous)
+        # Sharded checkpoints never reach _save: write the selection here too, so that resuming restores it.
+        if self.args.should_save and self._alps_selection is not None:
+            self._alps_write_selection(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        restriction = self._alps_restriction
+        if restriction is not None and restriction.mode == "delta":
+            # A collective under FSDP2: every rank gathers, only the writer saves (a gather on the writer alone hangs).
+            deltas = restriction.delta_state_dict(self.model)
+            if not self.args.should_save:
+                # FSDP2's full state dict is empty on non-writer ranks: nothing to merge, nothing to write.
+                super()._save(output_dir, state_dict=state_dict)
+            elif is_quantized(self.model):
+                self._alps_save_quantized(output_dir, restriction, deltas)
+            else:
+                full = state_dict if state_dict is not None else self.model.state_dict()
+                super()._save(output_dir, state_dict=merge_state_dict(full, deltas))
+                self._alps_save_delta_file(os.path.join(output_dir, DELTA_FILE), restriction, deltas)
+        else:
+            super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save and self._alps_selection is not None:
+            self._alps_write_selection(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        restriction = self._alps_restriction
+        if restriction is None or restriction.mode != "delta" or _is_sharded_checkpoint(resume_from_checkpoint):
+            # A sharded (FSDP SHARDED_STATE_DICT) checkpoint holds the unmerged base and the deltas by name.
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        delta_path = os.path.join(resume_from_checkpoint, DELTA_FILE)
+        if not os.path.isfile(delta_path):
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no {DELTA_FILE}: it is not a checkpoint of an ALPS delta-mode run."
+            )
+        if not is_quantized(self.model):
+            # The checkpoint holds merged weights; keep the frozen base rows and restore the deltas instead, so the
+            # base (and the DPO reference) stay exactly the original model.
+            params = dict(unwrap_model(self.model).named_parameters())
+            kept = {
+                t.name: (t.dim, idx, params[t.name].detach().index_select(t.dim, idx).clone())
+                for t in restriction.targets
+                if t.num_selected and t.name in params
+                for idx in [t.selected.to(params[t.name].device)]
+            }
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            with torch.no_grad():
+                for name, (dim, idx, rows) in kept.items():
+                    params[name].data.index_copy_(dim, idx, rows)
+        tensors, _, _ = load_delta_file(delta_path)
+        restriction.load_delta_state_dict(self.model, tensors)
+
+    # ---- setup --------------------------------------------------------------------------------
+    def _alps_bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        base = next(
+            c
+            for c in type(self).__mro__
+            if c is not AlpsTrainerMixin
+            and "__init__" in vars(c)
+            and issubclass(c, transformers.Trainer)
+            and not issubclass(c, AlpsTrainerMixin)
+        )
+        try:
+            return dict(inspect.signature(base.__init__).bind(None, *args, **kwargs).arguments)
+        except TypeError:
+            return dict(kwargs)
+
+    def _alps_preflight(self) -> None:
+        """Every check that needs the built model, before any training."""
+        alps, model = self._alps, unwrap_model(self.model)
+        if hasattr(model, "peft_config") or hasattr(self.model, "peft_config"):
+            raise ValueError(PEFT_MESSAGE)
+        if self.model_init is not None:
+            raise ValueError(
+                "ALPS installs its restriction on the model the trainer holds; model_init (hyperparameter search) "
+                "would replace it when training starts. Pass model= instead."
+            )
+        if self.optimizer is not None:
+            raise ValueError(
+                "ALPS builds the optimizer itself (restricted q/k/v go to the no-decay group; delta mode adds new "
+                "parameters), so an optimizer instance passed in `optimizers=` cannot be used. Pass "
+                "optimizer_cls_and_kwargs=(OptimizerClass, kwargs) or set args.optim instead."
+            )
+        self._alps_mode = resolve_mode(alps.alps_mode, model)
+        layout = AttentionLayout.from_model(model)
+        self._alps_layout = layout
+        refuse_deepspeed_mask(self.args, self._alps_mode)
+        refuse_fsdp1(self)
+        if self._alps_explicit is not None:
+            self._alps_explicit.check_compatible(layout)
+        elif alps.alps_heads:
+            self._alps_heads_file = HeadSelection.load(alps.alps_heads)
+            self._alps_heads_file.check_compatible(layout)
+        elif alps.alps_task_model:
+            from alps_trl.scoring import check_same_shape
+            from alps_trl.weights import open_weight_source
+
+            task = open_weight_source(alps.alps_task_model, trust_remote_code=alps.alps_trust_remote_code)
+            check_same_shape(sources.base_weight_source(self.model, alps.alps_trust_remote_code), task)
+        elif alps.alps_strategy == "top_k":
+            self._alps_check_probe_possible(model)
+
+    def _alps_check_probe_possible(self, model: torch.nn.Module) -> None:
+        alps = self._alps
+        if alps.alps_probe_steps == 0:
+            raise ValueError(
+                "ALPS has nothing to localize heads from: no head_selection, no alps_heads, no alps_task_model and "
+                "alps_probe_steps=0. Pass alps_task_model (a fine-tune of the same base), alps_heads (a saved "
+                "selection), or let the probe run (alps_probe_steps=None or > 0)."
+            )
+        if is_quantized(model):
+            raise ValueError(
+                "The ALPS probe fine-tunes all q/k/v weights, which a quantized base cannot do. Pass alps_heads (e.g. "
+                "made with `alps-localize` or a probe run on the full-precision model) or alps_task_model."
+            )
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "The ALPS probe needs the whole unsharded model on every process, which FSDP/DeepSpeed do not keep. "
+                "Localize first (alps-localize BASE TASK, or a single-GPU probe run) and pass alps_heads, or pass "
+                "alps_task_model."
+            )
+
+    def _alps_resolve_checkpoint(self, resume: str | bool | None) -> str | None:
+        if resume is None or resume is False:
+            return None
+        if resume is True:
+            found = get_last_checkpoint(self.args.output_dir)
+            return found
+        return str(resume)
+
+    def _alps_setup(self, checkpoint: str | None) -> None:
+        """Localize (or restore), share across ranks, install the restriction, write and log the selection."""
+        if self._alps_restriction is not None:
+            if checkpoint is not None:
+                saved = self._alps_selection_from_checkpoint(checkpoint)
+                if saved is not None and saved != self._alps_selection:
+                    raise ValueError(
+                        f"The checkpoint {checkpoint} was trained with other ALPS heads than the ones this trainer "
+                        "already installed. Build a new trainer and call train(resume_from_checkpoint=...) before "
+                        "reading trainer.head_selection."
+                    )
+            return
+        selection = self._alps_selection_from_checkpoint(checkpoint) if checkpoint else None
+        if selection is not None:
+            self._alps_source = "checkpoint"
+        else:
+            selection = self._alps_localize()
+        selection = sources.share_selection(self.accelerator, selection)
+        restriction = build_restriction(
+            self.model,
+            selection,
+            self._alps_mode,
+            restrict_o_proj=self._alps.alps_restrict_o_proj,
+            train_non_attention=self._alps.alps_train_non_attention,
+        )
+        restriction.install(self.model)
+        self._alps_selection, self._alps_restriction = selection, restriction
+        self._alps_summary = restriction.summary(self.model)
+        if self.args.should_save:
+            self._alps_write_selection(self.args.output_dir)
+        if self.accelerator.is_main_process:
+            logger.warning(f"{report.summary_table(self._alps_summary)}\n{selection.summary()}")
+
+    def _alps_selection_from_checkpoint(self, checkpoint: str) -> HeadSelection | None:
+        given = self._alps_explicit or getattr(self, "_alps_heads_file", None)
+        return sources.selection_from_checkpoint(checkpoint, self._alps_layout, given)
+
+    def _alps_localize(self) -> HeadSelection | None:
+        """The selection by precedence; None on ranks that wait for the main process's broadcast."""
+        alps, layout = self._alps, self._alps_layout
+        if self._alps_explicit is not None:
+            self._alps_source = "argument"
+            return self._alps_explicit
+        if alps.alps_heads:
+            self._alps_source = "alps_heads"
+            return self._alps_heads_file
+        if alps.alps_strategy != "top_k" and not alps.alps_task_model:
+            self._alps_source = alps.alps_strategy
+            return sources.random_selection(alps, layout)
+        from alps_trl.localize import localize_heads
+        from alps_trl.weights import open_weight_source
+
+        options = dict(
+            ratio=alps.alps_ratio,
+            metric=alps.alps_metric,
+            strategy=alps.alps_strategy,
+            temperature=alps.alps_temperature,
+            seed=alps.alps_seed,
+        )
+        if alps.alps_task_model:
+            self._alps_source = "alps_task_model"
+            if not self.accelerator.is_main_process:
+                return None
+            task = open_weight_source(alps.alps_task_model, trust_remote_code=alps.alps_trust_remote_code)
+            return localize_heads(sources.base_weight_source(self.model, alps.alps_trust_remote_code), task, **options)
+        self._alps_source = "probe"
+        steps = planned_probe_steps(alps, sources.planned_training_steps(self.args, self.train_dataset))
+        # Every rank runs the probe (compute_loss gathers metrics across ranks); only the main process scores.
+        before, after = probe_module.run_probe(self, steps)
+        if not self.accelerator.is_main_process:
+            return None
+        config = unwrap_model(self.model).config
+        selection = localize_heads(
+            open_weight_source(before, config=config), open_weight_source(after, config=config), **options
+        )
+        selection.provenance.update({"task": f"probe ({steps} attention-only steps on the training data)"})
+        return selection
+
+    def _alps_write_selection(self, directory: str) -> None:
+        if os.path.abspath(directory) != os.path.abspath(self.args.output_dir) and os.path.isfile(
+            os.path.join(self.args.output_dir, report.HEADS_FILE)
+        ):
+            report.copy_selection_files(self.args.output_dir, directory)
+        else:
+            report.write_selection_files(self._alps_selection, directory)
+
+    def _alps_save_delta_file(self, path: str, restriction, deltas: dict, base_model: str | None = None) -> None:
+        """`restriction.save_delta` from already gathered deltas (gathering again on the writer alone would hang)."""
+        model = unwrap_model(self.model)
+        save_delta_file(
+            deltas,
+            path,
+            selection=restriction.selection,
+            base_model=base_model or getattr(getattr(model, "config", None), "_name_or_path", ""),
+            restrict_o_proj=restriction.restrict_o_proj,
+        )
+
+    def _alps_save_quantized(self, output_dir: str, restriction, deltas: dict) -> None:
+        """A quantized base cannot hold merged weights: save the delta file, tokenizer, args and a merge hint."""
+        os.makedirs(output_dir, exist_ok=True)
+        model = unwrap_model(self.model)
+        base = getattr(model.config, "_name_or_path", "") or "BASE_MODEL_DIR"
+        self._alps_save_delta_file(os.path.join(output_dir, DELTA_FILE), restriction, deltas, base_model=base)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
+        with open(os.path.join(output_dir, MERGE_HINT_FILE), "w") as f:
+            f.write(
+                "# ALPS deltas over a quantized base\n\n"
+                f"`{DELTA_FILE}` holds the trained rows of the selected heads. Apply them to the full-precision "
+                "base to get a standard checkpoint:\n\n"
+                f"```\nalps-merge {base} {os.path.join(output_dir, DELTA_FILE)} MERGED_OUTPUT_DIR\n```\n"
+            )
+        logger.warning(f"ALPS: saved deltas to {output_dir}; merge: alps-merge {base} {output_dir}/{DELTA_FILE} OUT")
+
+
+class AlpsCallback(TrainerCallback):
+    """Attaches the restriction after `accelerator.prepare`, decays selected rows before each step, logs."""
+
+    def __init__(self, trainer: AlpsTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        trainer._alps_restriction.attach(trainer.model_wrapped)
+        if trainer.accelerator.is_main_process and trainer._alps_summary is not None:
+            scalars = report.tracker_scalars(trainer._alps_summary, trainer._alps_selection)
+            for cb in trainer.callback_handler.callbacks:
+                if cb is not self:
+                    cb.on_log(args, state, control, logs=dict(scalars), model=trainer.model)
+            png = os.path.join(args.output_dir, report.HEATMAP_FILE)
+            report.log_heatmap_to_trackers(trainer.callback_handler.callbacks, png)
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        trainer = self.trainer
+        restriction = trainer._alps_restriction
+        if restriction is None or not args.weight_decay:
+            return
+        restriction.apply_weight_decay(trainer.model, _group_lr(trainer, restriction), args.weight_decay)
+
+
+def _is_sharded_checkpoint(checkpoint: str) -> bool:
+    """True for a checkpoint saved by FSDP with SHARDED_STATE_DICT (a pytorch_model_fsdp_* folder)."""
+    return os.path.isdir(checkpoint) and any(
+        name.startswith("pytorch_model_fsdp") and os.path.isdir(os.path.join(checkpoint, name))
+        for name in os.listdir(checkpoint)
+    )
+
+
+def _group_lr(trainer: AlpsTrainerMixin, restriction) -> float:
+    """The current learning rate of the optimizer group holding the restricted parameters."""
+    exempt = restriction.decay_exempt_parameter_names(trainer.model)
+    ids = {id(p) for n, p in unwrap_model(trainer.model).named_parameters() if n in exempt}
+    for group in trainer.optimizer.param_groups:
+        if any(id(p) in ids for p in group["params"]):
+            return float(group["lr"])
+    return float(trainer.optimizer.param_groups[0]["lr"])

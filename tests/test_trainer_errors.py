@@ -1,0 +1,129 @@
+"""Bad combinations are refused when the trainer is built, with a message that says what to change."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from trainer_helpers import save_tiny_model, sft_config, sft_dataset, tiny_model, tiny_tokenizer
+
+from alps_trl.selection import HeadSelection
+from alps_trl.sft_trainer import AlpsSFTTrainer
+
+
+def _build(tmp_path, model=None, head_selection=None, **overrides):
+    return AlpsSFTTrainer(
+        model=model if model is not None else tiny_model("llama"),
+        args=sft_config(str(tmp_path / "out"), **overrides),
+        train_dataset=sft_dataset(),
+        processing_class=tiny_tokenizer(),
+        head_selection=head_selection,
+    )
+
+
+def test_peft_config_is_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="cannot be combined with PEFT"):
+        AlpsSFTTrainer(
+            model=tiny_model("llama"),
+            args=sft_config(str(tmp_path)),
+            train_dataset=sft_dataset(),
+            processing_class=tiny_tokenizer(),
+            peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"]),
+        )
+
+
+def test_peft_model_is_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="PEFT"):
+        _build(tmp_path, model=model)
+
+
+def test_heads_file_for_another_model_shape(tmp_path):
+    other = HeadSelection(4, 4, 4, [(0, 1), (3, 2)], head_dim=16, hidden_size=64, model_type="llama")
+    other.save(tmp_path / "heads.json")
+    with pytest.raises(ValueError, match="num_layers=4"):
+        _build(tmp_path, alps_heads=str(tmp_path / "heads.json"))
+
+
+def test_head_selection_argument_for_another_model_shape(tmp_path):
+    other = HeadSelection(2, 16, 4, [(0, 1)], head_dim=4, hidden_size=64, model_type="llama")
+    with pytest.raises(ValueError, match="num_heads=16"):
+        _build(tmp_path, head_selection=other)
+
+
+def test_task_model_of_another_architecture(tmp_path):
+    task_dir = save_tiny_model(str(tmp_path / "task"), arch="qwen2")
+    with pytest.raises(ValueError, match="different architectures"):
+        _build(tmp_path, alps_task_model=task_dir)
+
+
+def test_missing_task_model(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        _build(tmp_path, alps_task_model=str(tmp_path / "nowhere"))
+
+
+def test_nothing_to_localize_from(tmp_path):
+    with pytest.raises(ValueError, match="alps_probe_steps=0"):
+        _build(tmp_path, alps_probe_steps=0)
+
+
+def test_random_strategy_needs_no_probe(tmp_path):
+    trainer = _build(tmp_path, alps_probe_steps=0, alps_strategy="random", alps_seed=3)
+    assert trainer._alps_source is None  # nothing computed before it is needed
+    assert len(trainer.head_selection.heads) == 2 and trainer.head_selection.strategy == "random"
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=512, n_positions=64))
+    with pytest.raises(ValueError, match="not supported by ALPS"):
+        _build(tmp_path, model=model)
+
+
+def test_mask_mode_under_deepspeed_is_refused():
+    from alps_trl.trainer_checks import refuse_deepspeed_mask
+
+    args = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3))
+    with pytest.raises(ValueError, match="alps_mode='delta'"):
+        refuse_deepspeed_mask(args, "mask")
+    refuse_deepspeed_mask(args, "delta")
+    refuse_deepspeed_mask(SimpleNamespace(deepspeed_plugin=None), "mask")
+
+
+def test_resume_with_a_different_selection_is_refused(tmp_path):
+    trainer = _build(tmp_path, alps_strategy="random", alps_seed=1)
+    checkpoint = tmp_path / "checkpoint-1"
+    HeadSelection(2, 8, 2, [(1, 7), (1, 6), (0, 0)], head_dim=8, hidden_size=64, model_type="llama").save(
+        checkpoint / "alps_heads.json"
+    )
+    trainer.head_selection  # noqa: B018 - installs the random selection
+    with pytest.raises(ValueError, match="other ALPS heads"):
+        trainer._alps_setup(str(checkpoint))
+
+
+def test_optimizer_instance_is_refused(tmp_path):
+    model = tiny_model("llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
+        AlpsSFTTrainer(
+            model=model,
+            args=sft_config(str(tmp_path)),
+            train_dataset=sft_dataset(),
+            processing_class=tiny_tokenizer(),
+            optimizers=(optimizer, None),
+        )
+
+
+def test_fsdp1_is_refused():
+    from alps_trl.trainer_checks import refuse_fsdp1
+
+    def fake(version):
+        state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version))
+        return SimpleNamespace(is_fsdp_enabled=True, accelerator=SimpleNamespace(state=state))
+
+    with pytest.raises(ValueError, match="FSDP2 only"):
+        refuse_fsdp1(fake(1))
+    refuse_fsdp1(fake(2))
+    refuse_fsdp1(SimpleNamespace(is_fsdp_enabled=False))
