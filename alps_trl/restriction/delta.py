@@ -284,20 +284,21 @@ class DeltaRestriction(Restriction):
     def delta_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Trained deltas as CPU tensors keyed by base tensor name (see module docstring).
 
-        Under FSDP2 this gathers sharded deltas (a collective: call it on every rank).
+        Under FSDP2 and DeepSpeed ZeRO-3 this gathers sharded deltas (a collective: call it on every rank).
         """
         self._require_installed("delta_state_dict")
         out: dict[str, torch.Tensor] = {}
         deltas = self._deltas(model)
-        for module_name, (wt, bt) in self._projections.items():
-            delta = deltas[module_name]
-            index = delta.index.detach().to("cpu", torch.int64).contiguous()
-            for target, value in ((wt, delta.weight), (bt, delta.bias)):
-                if target is None or value is None:
-                    continue
-                full = value.full_tensor() if is_dtensor(value) else value
-                out[target.name + DELTA_SUFFIX] = full.detach().to("cpu", torch.float32).contiguous()
-                out[target.name + INDEX_SUFFIXES[target.dim]] = index.clone()
+        with _gathered_zero3([p for d in deltas.values() for p in d.parameters()]):
+            for module_name, (wt, bt) in self._projections.items():
+                delta = deltas[module_name]
+                index = delta.index.detach().to("cpu", torch.int64).contiguous()
+                for target, value in ((wt, delta.weight), (bt, delta.bias)):
+                    if target is None or value is None:
+                        continue
+                    full = value.full_tensor() if is_dtensor(value) else value
+                    out[target.name + DELTA_SUFFIX] = full.detach().to("cpu", torch.float32).contiguous()
+                    out[target.name + INDEX_SUFFIXES[target.dim]] = index.clone()
         return out
 
     @torch.no_grad()
@@ -340,3 +341,13 @@ class DeltaRestriction(Restriction):
     def _deltas(self, model: torch.nn.Module) -> dict[str, HeadDelta]:
         inner = unwrap_model(model)
         return {name: getattr(inner.get_submodule(name), DELTA_CHILD) for name in self._projections}
+
+
+def _gathered_zero3(params: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Gather DeepSpeed ZeRO-3 partitioned parameters for reading (a collective); a no-op for any other parameter."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
