@@ -1,0 +1,132 @@
+"""`alps-localize`: find the task-sensitive attention heads of a base model, from weights alone.
+
+Usage:
+    alps-localize BASE TASK [--ratio 0.1] [--metric pad] [--strategy top_k] [--temperature 1.0]
+                  [--seed 0] [--device cpu|cuda] [--output heads.json] [--heatmap heads.png] [--threads N]
+
+BASE and TASK are checkpoint directories (config.json + safetensors or .bin, sharded or not) or hub ids
+already in the local Hugging Face cache; TASK is a fine-tune of BASE for the target task. Only the q/k/v
+tensors are read, one layer at a time. The resulting heads file is what `alps_heads=` / `--alps_heads`
+of the ALPS trainers and recipes take.
+
+Start-up is kept lean on purpose: no trl, trainers or transformers models are imported on this path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+METRICS = ("pad", "kl", "js", "cosine", "euclidean")
+STRATEGIES = ("top_k", "random", "layer_consistent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alps-localize",
+        description="Score every attention head by how much TASK moved it relative to BASE (ALPS, arXiv 2505.18799) "
+        "and write the selected heads as JSON.",
+    )
+    parser.add_argument("base", help="base model: checkpoint directory or hub id in the local HF cache")
+    parser.add_argument("task", help="task model (a fine-tune of BASE): checkpoint directory or cached hub id")
+    parser.add_argument("--ratio", type=float, default=0.1, help="fraction of all heads to select, in (0, 1]")
+    parser.add_argument("--metric", choices=METRICS, default="pad", help="head score (pad = the paper's W1)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="top_k", help="selection strategy")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the score")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random strategies")
+    parser.add_argument("--device", default=None, help="where to compute (default: cuda if available, else cpu)")
+    parser.add_argument("--output", "-o", default="heads.json", help="heads file to write (JSON)")
+    parser.add_argument("--heatmap", default=None, help="also write a PNG heatmap of the scores to this path")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the math (default: torch's "
+        "choice, one per core; on a machine busy with other jobs 1 can be faster)",
+    )
+    parser.add_argument("--top", type=int, default=10, help="how many top heads the summary lists")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow custom config code (never needed "
+        "for the supported architectures; weights are read without running model code)",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    return parser
+
+
+def _format_summary(selection, layout, seconds: float, top: int) -> str:
+    total_qkv = layout.num_layers * layout.qkv_params_per_layer
+    trainable = selection.trainable_qkv_params()
+    lines = [
+        f"base: {selection.provenance.get('base')}",
+        f"task: {selection.provenance.get('task')}",
+        f"model: {layout.model_type}, {layout.num_layers} layers x {layout.num_heads} heads "
+        f"({layout.num_kv_heads} kv heads, head_dim {layout.head_dim}, hidden {layout.hidden_size})",
+        selection.summary(top=top),
+        f"trainable q/k/v weights: {trainable:,} of {total_qkv:,} ({100.0 * trainable / total_qkv:.2f}%), "
+        f"kv groups touched: {int(selection.kv_mask().sum())}/{layout.num_layers * layout.num_kv_heads}",
+        f"time: {seconds:.2f} s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+
+    from alps_trl.selection import HeadSelectionError, validate_ratio
+
+    try:
+        validate_ratio(args.ratio)
+        if args.top < 0:
+            raise ValueError(f"--top must be >= 0, got {args.top}.")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}.")
+    except ValueError as err:
+        print(f"alps-localize: error: {err}", file=sys.stderr)
+        return 2
+
+    from alps_trl.localize import localize_heads
+    from alps_trl.scoring import open_pair
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    try:
+        base, task = open_pair(args.base, args.task, trust_remote_code=args.trust_remote_code)
+        selection = localize_heads(
+            base,
+            task,
+            ratio=args.ratio,
+            metric=args.metric,
+            strategy=args.strategy,
+            temperature=args.temperature,
+            seed=args.seed,
+            device=args.device,
+            progress=not args.quiet,
+        )
+        selection.save(args.output)
+        if args.heatmap:
+            os.makedirs(os.path.dirname(os.path.abspath(args.heatmap)), exist_ok=True)
+            selection.plot_heatmap(args.heatmap)
+    except (ValueError, TypeError, OSError, HeadSelectionError, RuntimeError) as err:
+        print(f"alps-localize: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alps-localize: interrupted", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(_format_summary(selection, base.layout, time.perf_counter() - start, args.top))
+        written = args.output + (f", {args.heatmap}" if args.heatmap else "")
+        print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

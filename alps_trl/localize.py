@@ -1,0 +1,96 @@
+"""`localize_heads`: base + task model -> the `HeadSelection` that ALPS trains.
+
+Layer 3 entry point: opens both models for streaming (layer 2), checks their shapes, scores the heads
+and applies a selection strategy. Errors (bad ratio, strategy, metric, mismatching models) are raised
+before any scoring work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from alps_trl.scoring import open_pair, resolve_device, score_heads, validate_metric, validate_temperature
+from alps_trl.selection import (
+    STRATEGIES,
+    HeadSelection,
+    num_selected,
+    select_layer_consistent,
+    select_random,
+    select_top_k,
+    validate_ratio,
+)
+
+
+def validate_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown ALPS strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+    return strategy
+
+
+def localize_heads(
+    base: Any,
+    task: Any,
+    *,
+    ratio: float = 0.1,
+    metric: str = "pad",
+    strategy: str = "top_k",
+    temperature: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    trust_remote_code: bool = False,
+) -> HeadSelection:
+    """Select the task-sensitive attention heads.
+
+    Args:
+        base, task: checkpoint dirs, cached hub ids, loaded models or `WeightSource`s of the same
+            architecture and shape.
+        ratio: fraction of all L*H heads to select, in (0, 1]; K = ceil(ratio * L * H).
+        metric: score for "top_k" ("pad", "kl", "js", "cosine", "euclidean").
+        strategy: "top_k" (highest scores over the whole model, ties by (layer, head)), "random"
+            (K uniformly random heads, seeded) or "layer_consistent" (the same number of random heads in
+            every layer). The random strategies compute no scores but still check that shapes match.
+        temperature: softmax temperature of the score.
+        seed: seed of the random strategies.
+        device: where scores are computed (None -> CUDA if available, else CPU).
+        progress: tqdm bar over layers while scoring.
+    Returns:
+        HeadSelection with scores (float64 [L, H], top_k only), the model shape and provenance.
+    """
+    ratio = validate_ratio(ratio)
+    strategy = validate_strategy(strategy)
+    metric = validate_metric(metric)
+    temperature = validate_temperature(temperature)
+    device = resolve_device(device)
+    src_b, src_t = open_pair(base, task, trust_remote_code)
+    layout = src_b.layout
+    k = num_selected(ratio, layout.num_layers, layout.num_heads)
+    scores = None
+    if strategy == "top_k":
+        scores = score_heads(src_b, src_t, metric=metric, temperature=temperature, device=device, progress=progress)
+        heads = select_top_k(scores, k)
+    elif strategy == "random":
+        heads = select_random(layout.num_layers, layout.num_heads, k, seed)
+    else:
+        heads = select_layer_consistent(layout.num_layers, layout.num_heads, k, seed)
+    provenance: dict[str, Any] = {"base": src_b.name, "task": src_t.name}
+    if strategy == "top_k":
+        provenance["temperature"] = temperature
+    else:
+        provenance["seed"] = int(seed)
+    return HeadSelection(
+        num_layers=layout.num_layers,
+        num_heads=layout.num_heads,
+        num_kv_heads=layout.num_kv_heads,
+        heads=heads,
+        scores=scores,
+        metric=metric,
+        ratio=ratio,
+        strategy=strategy,
+        head_dim=layout.head_dim,
+        hidden_size=layout.hidden_size,
+        model_type=layout.model_type,
+        provenance=provenance,
+    )

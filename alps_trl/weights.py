@@ -1,0 +1,450 @@
+"""Stream one layer's q/k/v weights at a time, from a checkpoint, the local HF cache or a model in memory.
+
+Layer 2 of the architecture. Scoring needs a few attention matrices per layer; loading a whole model
+to read them costs the model's full size in memory. A `WeightSource` reads only the rows it is asked
+for:
+
+- safetensors (single file or sharded with ``model.safetensors.index.json``): the header is parsed and
+  the requested rows are read with positioned reads. No memory map: the pages of a mapped file count
+  towards the process's resident memory once touched, which for a checkpoint is most of its size.
+- ``pytorch_model.bin`` (single or sharded): only through ``torch.load(weights_only=True, mmap=True)``.
+- a hub id: resolved from the local HF cache only (``local_files_only=True``), never downloaded.
+- a model in memory (possibly wrapped by DDP/torch.compile), or a Mapping of tensors with a config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from alps_trl.anatomy import AttentionLayout, unwrap_model
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
+
+
+# ---- tensor stores: names, shapes and row reads, whatever the storage -------------------------------
+class _TensorStore:
+    """Read access to named 2-D (or 1-D) tensors by rows. Subclasses implement the storage."""
+
+    def names(self) -> set[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (dim 0), in its stored dtype, as a new CPU tensor."""
+        raise NotImplementedError
+
+
+class _SafetensorsFile:
+    """One .safetensors file: header parsed once, rows read with positioned reads into a fresh buffer."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError(f"{path} is not a safetensors file (shorter than its 8-byte header length).")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > 100_000_000:
+                raise ValueError(f"{path} is not a safetensors file (implausible header length {header_len}).")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{path} is not a safetensors file (unreadable header: {err}).") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.entries: dict[str, dict] = header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        entry = self.entries[name]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"Tensor {name!r} in {self.path} has unsupported dtype {entry['dtype']}.")
+        shape = list(entry["shape"])
+        begin, end = entry["data_offsets"]
+        row_elems = 1
+        for s in shape[1:]:
+            row_elems *= s
+        itemsize = dtype.itemsize
+        row_bytes = row_elems * itemsize
+        if not shape or end - begin != shape[0] * row_bytes:
+            raise ValueError(f"Tensor {name!r} in {self.path} has inconsistent data offsets.")
+        nbytes = (stop - start) * row_bytes
+        buf = bytearray(nbytes)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.data_start + begin + start * row_bytes)
+            view = memoryview(buf)
+            got = 0
+            while got < nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise ValueError(f"{self.path} is truncated: tensor {name!r} ends past the end of the file.")
+                got += n
+        if nbytes == 0:
+            return torch.empty([stop - start, *shape[1:]], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).view(stop - start, *shape[1:])
+
+
+class _SafetensorsStore(_TensorStore):
+    """A single safetensors file or a set of shards listed by an index's weight_map."""
+
+    def __init__(self, paths: list[str]):
+        self._where: dict[str, _SafetensorsFile] = {}
+        for path in paths:
+            shard = _SafetensorsFile(path)
+            for name in shard.entries:
+                self._where[name] = shard
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].shape(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._where[name].rows(name, start, stop)
+
+
+class _TorchBinStore(_TensorStore):
+    """``pytorch_model.bin`` files, opened lazily with torch.load(weights_only=True, mmap=True)."""
+
+    def __init__(self, paths: list[str], weight_map: dict[str, str] | None = None):
+        self._loaded: dict[str, Mapping[str, torch.Tensor]] = {}
+        self._file_of: dict[str, str] = dict(weight_map or {})  # tensor name -> path
+        if weight_map is None:
+            # Without an index the names are known only after opening the files (memory-mapped: cheap).
+            for path in paths:
+                self._state(path)
+
+    def _state(self, path: str) -> Mapping[str, torch.Tensor]:
+        if path not in self._loaded:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                # Files in torch's legacy (pre-zip) format cannot be memory-mapped.
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, Mapping):
+                raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__}).")
+            self._loaded[path] = state
+            for name in state:
+                self._file_of.setdefault(name, path)
+        return self._loaded[path]
+
+    def names(self) -> set[str]:
+        return set(self._file_of)
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        return self._state(self._file_of[name])[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensor(name).shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._tensor(name)[start:stop].clone()
+
+
+class _MappingStore(_TensorStore):
+    """Tensors held in memory: a state dict, or the parameters of a loaded model (no copies)."""
+
+    def __init__(self, tensors: Mapping[str, Any]):
+        self._tensors = tensors
+
+    def names(self) -> set[str]:
+        return set(self._tensors.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        t = self._tensors[name]
+        state = getattr(t, "quant_state", None)
+        if state is not None:  # bitsandbytes 4-bit: packed storage, logical shape in quant_state
+            return tuple(state.shape)
+        return tuple(t.shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return _dense(self._tensors[name], name)[start:stop].detach()
+
+
+def _dense(t: Any, name: str) -> torch.Tensor:
+    """A plain tensor for `t`: gathers a sharded DTensor, dequantizes bitsandbytes 4-bit/8-bit weights."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    if getattr(t, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(t.data, t.quant_state)
+    if t.dtype == torch.int8 and getattr(t, "SCB", None) is not None:
+        return t.data.to(torch.float32) * (t.SCB.to(torch.float32).unsqueeze(1) / 127.0)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name!r} is a {type(t).__name__}, not a tensor.")
+    return t
+
+
+# ---- the source ---------------------------------------------------------------------------------
+class WeightSource:
+    """q/k/v weights of one model, read layer by layer.
+
+    Attributes:
+        layout: the model's `AttentionLayout` (tensor names, L/H/KV/hd/d).
+        name: a string for provenance (a path, a hub id, or a model's name_or_path).
+        config: the model config as a dict.
+    """
+
+    def __init__(self, store: _TensorStore, config: dict, name: str):
+        self._store = store
+        self.config = config
+        self.name = name
+        try:
+            self.layout = AttentionLayout.from_config(config, store.names())
+        except ValueError as err:
+            raise type(err)(f"{name}: {err}") from None
+        self._check_shapes()
+
+    def tensor_shape(self, tensor_name: str) -> tuple[int, ...]:
+        """Shape of a stored tensor (logical shape for quantized in-memory weights)."""
+        return self._store.shape(tensor_name)
+
+    def qkv_tensor_names(self) -> list[str]:
+        """Every q/k/v weight tensor, in layer order (fused models: one per layer)."""
+        names: list[str] = []
+        for lp in self.layout.layers:
+            for block in (lp.q_weight, lp.k_weight, lp.v_weight):
+                if block.name not in names:
+                    names.append(block.name)
+        return names
+
+    def _check_shapes(self) -> None:
+        lay = self.layout
+        for lp in lay.layers:
+            expected: dict[str, int] = {}
+            for block in (lp.q_weight, lp.k_weight, lp.v_weight):
+                expected[block.name] = max(expected.get(block.name, 0), block.offset + block.rows)
+            for tensor_name, rows in expected.items():
+                shape = self._store.shape(tensor_name)
+                if len(shape) != 2 or shape[0] != rows or shape[1] != lay.hidden_size:
+                    raise ValueError(
+                        f"{self.name}: tensor {tensor_name!r} has shape {list(shape)}, but the config "
+                        f"({lay.model_type}: {lay.num_heads} heads, {lay.num_kv_heads} kv heads, head_dim "
+                        f"{lay.head_dim}, hidden_size {lay.hidden_size}) implies [{rows}, {lay.hidden_size}]."
+                    )
+
+    def layer_qkv(
+        self, layer: int, device: torch.device | str | None = None, dtype: torch.dtype | None = torch.float64
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q/k/v weights of `layer`, reading only that layer's q/k/v rows.
+
+        Returns:
+            wq: [H, hd, d], wk: [KV, hd, d], wv: [KV, hd, d], in `dtype` (float64; None keeps the stored
+            dtype) on `device` (default CPU). For an in-memory model already in that dtype and device these
+            may be views of its parameters: do not modify them.
+        """
+        lay = self.layout
+        lp = lay.layers[layer]
+        out = []
+        for block, heads in (
+            (lp.q_weight, lay.num_heads),
+            (lp.k_weight, lay.num_kv_heads),
+            (lp.v_weight, lay.num_kv_heads),
+        ):
+            rows = self._store.rows(block.name, block.offset, block.offset + block.rows)
+            if device is not None:
+                rows = rows.to(device)  # move in the stored dtype: fewer bytes to copy
+            if dtype is not None:
+                rows = rows.to(dtype)
+            out.append(rows.reshape(heads, lay.head_dim, lay.hidden_size))
+        return out[0], out[1], out[2]
+
+    def __repr__(self) -> str:
+        lay = self.layout
+        return (
+            f"WeightSource({self.name!r}, {lay.model_type}, L={lay.num_layers}, H={lay.num_heads}, "
+            f"KV={lay.num_kv_heads}, hd={lay.head_dim}, d={lay.hidden_size})"
+        )
+
+
+# ---- opening --------------------------------------------------------------------------------------
+def open_weight_source(obj: Any, *, config: Any = None, trust_remote_code: bool = False) -> WeightSource:
+    """Open `obj` for streaming q/k/v reads.
+
+    Args:
+        obj: a `WeightSource` (returned as is); a local checkpoint directory (config.json plus
+            safetensors or .bin weights, sharded or not); a hub id already in the local HF cache; a
+            loaded model (PreTrainedModel, possibly wrapped); or a Mapping of tensor name -> tensor
+            holding at least the q/k/v weights, together with `config`.
+        config: for a Mapping: a config (PretrainedConfig, dict, or a path to config.json or its
+            directory). For a checkpoint: overrides its config.json.
+        trust_remote_code: only consulted when config.json lacks the standard fields and the config
+            must be built by transformers' AutoConfig. No model code is ever executed to read weights.
+    Raises:
+        FileNotFoundError: path without config.json or without weights; hub id not in the local cache.
+        ValueError: missing q/k/v tensor (named), unsupported architecture (supported ones listed),
+            tensor shapes that do not fit the config.
+    """
+    if isinstance(obj, WeightSource):
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        return _from_model(obj)
+    if isinstance(obj, Mapping):
+        if config is None:
+            raise ValueError(
+                "A state-dict Mapping needs config= (a PretrainedConfig, a dict, or a path to config.json) "
+                "to know the architecture and head shapes."
+            )
+        return WeightSource(_MappingStore(obj), _config_dict(config, trust_remote_code), "state_dict")
+    if isinstance(obj, (str, os.PathLike)):
+        path = os.fspath(obj)
+        if os.path.isdir(path):
+            return _from_directory(path, config, trust_remote_code, name=path)
+        if os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path!r} is a file; pass the checkpoint directory that holds config.json and the weights."
+            )
+        local = _resolve_hub_id(path)
+        return _from_directory(local, config, trust_remote_code, name=path)
+    raise TypeError(
+        f"Cannot read attention weights from a {type(obj).__name__}: pass a checkpoint directory, a hub id in the "
+        "local HF cache, a loaded model, or a state-dict Mapping with config=."
+    )
+
+
+def _from_model(model: torch.nn.Module) -> WeightSource:
+    inner = unwrap_model(model)
+    cfg = getattr(inner, "config", None)
+    if cfg is None:
+        raise ValueError(f"{type(model).__name__} has no .config: pass a Hugging Face causal LM.")
+    params = dict(inner.named_parameters(remove_duplicate=False))
+    name = getattr(cfg, "_name_or_path", "") or type(inner).__name__
+    if getattr(inner, "is_quantized", False) or getattr(inner, "hf_quantizer", None) is not None:
+        from transformers.utils import logging
+
+        logging.get_logger(__name__).warning(
+            "Reading q/k/v from a quantized model: its weights are dequantized, and the quantization error enters "
+            "the head scores. For exact scores pass the full-precision checkpoint directory (%s) instead.",
+            name,
+        )
+    return WeightSource(_MappingStore(params), _config_dict(cfg, False), name)
+
+
+def _config_dict(config: Any, trust_remote_code: bool) -> dict:
+    if isinstance(config, dict):
+        return dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        return _read_config_json(path, trust_remote_code)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise TypeError(f"config must be a PretrainedConfig, a dict or a path, got {type(config).__name__}.")
+
+
+def _read_config_json(path: str, trust_remote_code: bool) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No config.json at {path!r}: ALPS needs the model config to find the attention heads."
+        )
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}.") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} does not hold a JSON object.")
+    required = ("num_hidden_layers", "num_attention_heads", "hidden_size")
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    if all(k in cfg or k in text_cfg for k in required):
+        return cfg
+    # Non-standard field names (attribute_map aliases): let transformers build the config.
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(os.path.dirname(path), trust_remote_code=trust_remote_code).to_dict()
+
+
+def _from_directory(path: str, config: Any, trust_remote_code: bool, name: str) -> WeightSource:
+    cfg = _config_dict(config, trust_remote_code) if config is not None else None
+    if cfg is None:
+        cfg = _read_config_json(os.path.join(path, "config.json"), trust_remote_code)
+    store = _open_weight_files(path)
+    return WeightSource(store, cfg, name)
+
+
+def _open_weight_files(path: str) -> _TensorStore:
+    single, index = os.path.join(path, SAFE_SINGLE), os.path.join(path, SAFE_INDEX)
+    if os.path.isfile(single):
+        return _SafetensorsStore([single])
+    if os.path.isfile(index):
+        return _SafetensorsStore(sorted(set(_weight_map(index).values())))
+    single, index = os.path.join(path, BIN_SINGLE), os.path.join(path, BIN_INDEX)
+    if os.path.isfile(single):
+        return _TorchBinStore([single])
+    if os.path.isfile(index):
+        weight_map = _weight_map(index)
+        return _TorchBinStore(sorted(set(weight_map.values())), weight_map)
+    raise FileNotFoundError(f"No model weights in {path!r}: expected one of {', '.join(WEIGHT_FILES)}.")
+
+
+def _weight_map(index_path: str) -> dict[str, str]:
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index_path} is not a valid shard index ({type(err).__name__}: {err}).") from None
+    folder = os.path.dirname(index_path)
+    files = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+    for shard in sorted(set(files.values())):
+        if not os.path.isfile(shard):
+            raise FileNotFoundError(f"Shard {shard!r} listed in {index_path} does not exist.")
+    return files
+
+
+def _resolve_hub_id(repo_id: str) -> str:
+    """The local snapshot directory of `repo_id` in the HF cache; never downloads."""
+    looks_like_id = repo_id.count("/") <= 1 and not repo_id.startswith((".", "/", "~"))
+    if not looks_like_id:
+        raise FileNotFoundError(f"{repo_id!r} does not exist (and is not a hub id).")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError
+
+        return snapshot_download(
+            repo_id,
+            local_files_only=True,
+            allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"],
+        )
+    except HFValidationError:
+        raise FileNotFoundError(f"{repo_id!r} is neither an existing directory nor a valid hub id.") from None
+    except Exception as err:  # LocalEntryNotFoundError and friends: the cache does not hold it.
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local directory and is not in the local Hugging Face cache "
+            f"({type(err).__name__}). ALPS never downloads: run `huggingface-cli download {repo_id}` first or pass a "
+            "local checkpoint directory."
+        ) from None

@@ -1,0 +1,293 @@
+"""Benchmark `alps-localize` against the naive approach on a Llama-3.2-1B-shaped pair of checkpoints.
+
+    python benchmarks/bench_localize.py [--workdir DIR] [--tiny] [--skip-naive]
+
+Builds (once; cached in --workdir) a random base checkpoint with Llama-3.2-1B's shapes (16 layers, 32
+heads, 8 kv heads, d 2048, intermediate 8192, vocab 128256, bf16 safetensors, ~2.5 GB) and a task
+checkpoint = base + noise on a planted 10% of the heads' q rows + tiny noise on every other q/k/v row.
+Files are written tensor by tensor, so building needs little memory.
+
+Then runs, each in its own subprocess, with wall time, CPU time (user + system: less sensitive to other
+jobs on a shared machine) and peak RSS (the kernel's high-water mark of the child, via getrusage):
+  (a) alps-localize BASE TASK (streams q/k/v only),
+  (b) the naive approach: both full models loaded with transformers' AutoModelForCausalLM in bf16,
+      then per head, in float64: softmax(flatten(Wq^T Wk Wv^T)) and scipy.stats.wasserstein_distance.
+and prints a table with both, the speed-up, the memory fraction and whether the top-10% sets agree.
+`--tiny` uses small shapes (seconds) to check that the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+FULL = dict(
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    hidden_size=2048,
+    intermediate_size=8192,
+    vocab_size=128256,
+)
+TINY = dict(
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=8,
+    hidden_size=64,
+    intermediate_size=128,
+    vocab_size=512,
+)
+RATIO = 0.1
+BUILD_VERSION = 1
+
+
+def llama_config(dims: dict) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "dtype": "bfloat16",
+        **dims,
+    }
+
+
+def tensor_specs(dims: dict) -> list[tuple[str, list[int]]]:
+    """Names and shapes of a tied-embedding Llama checkpoint, in the order they are written."""
+    d, hd, inter = dims["hidden_size"], dims["head_dim"], dims["intermediate_size"]
+    h, kv = dims["num_attention_heads"], dims["num_key_value_heads"]
+    specs = [("model.embed_tokens.weight", [dims["vocab_size"], d])]
+    for i in range(dims["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        specs += [
+            (f"{p}.input_layernorm.weight", [d]),
+            (f"{p}.self_attn.q_proj.weight", [h * hd, d]),
+            (f"{p}.self_attn.k_proj.weight", [kv * hd, d]),
+            (f"{p}.self_attn.v_proj.weight", [kv * hd, d]),
+            (f"{p}.self_attn.o_proj.weight", [d, h * hd]),
+            (f"{p}.post_attention_layernorm.weight", [d]),
+            (f"{p}.mlp.gate_proj.weight", [inter, d]),
+            (f"{p}.mlp.up_proj.weight", [inter, d]),
+            (f"{p}.mlp.down_proj.weight", [d, inter]),
+        ]
+    specs.append(("model.norm.weight", [d]))
+    return specs
+
+
+def planted_heads(dims: dict, seed: int) -> list[tuple[int, int]]:
+    import torch
+
+    num_layers, num_heads = dims["num_hidden_layers"], dims["num_attention_heads"]
+    k = math.ceil(round(RATIO * num_layers * num_heads, 9))
+    gen = torch.Generator().manual_seed(seed + 7)
+    idx = torch.randperm(num_layers * num_heads, generator=gen)[:k]
+    return sorted((int(i) // num_heads, int(i) % num_heads) for i in idx)
+
+
+def _header(specs: list[tuple[str, list[int]]]) -> bytes:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in specs:
+        nbytes = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def build_pair(workdir: str, dims: dict, seed: int = 0) -> tuple[str, str, list[tuple[int, int]]]:
+    """Write base/ and task/ checkpoints under workdir (skipped when already built with the same shapes)."""
+    import torch
+
+    base_dir, task_dir = os.path.join(workdir, "base"), os.path.join(workdir, "task")
+    stamp_path = os.path.join(workdir, "built.json")
+    stamp = {"version": BUILD_VERSION, "dims": dims, "seed": seed}
+    planted = planted_heads(dims, seed)
+    if os.path.isfile(stamp_path):
+        with open(stamp_path) as f:
+            if json.load(f) == stamp:
+                return base_dir, task_dir, planted
+    os.makedirs(base_dir, exist_ok=True)
+    os.makedirs(task_dir, exist_ok=True)
+    for folder in (base_dir, task_dir):
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(llama_config(dims), f, indent=1)
+    specs = tensor_specs(dims)
+    hd, h = dims["head_dim"], dims["num_attention_heads"]
+    planted_by_layer: dict[int, list[int]] = {}
+    for layer, head in planted:
+        planted_by_layer.setdefault(layer, []).append(head)
+    header = _header(specs)
+    t0 = time.perf_counter()
+    with (
+        open(os.path.join(base_dir, "model.safetensors"), "wb") as fb,
+        open(os.path.join(task_dir, "model.safetensors"), "wb") as ft,
+    ):
+        fb.write(header)
+        ft.write(header)
+        for name, shape in specs:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            rows_per_chunk = max(1, (1 << 24) // math.prod(shape[1:] or [1]))
+            for r0 in range(0, shape[0], rows_per_chunk):
+                rows = min(rows_per_chunk, shape[0] - r0)
+                if len(shape) == 1:
+                    block = torch.ones(rows)
+                else:
+                    block = torch.randn([rows, *shape[1:]], generator=gen).mul_(0.02)
+                fb.write(block.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+                if ".self_attn." in name and not name.endswith("o_proj.weight"):
+                    # Tiny noise on every q/k/v row, a clear shift on the planted heads' q rows.
+                    block = block + 2e-4 * torch.randn(block.shape, generator=gen)
+                    if name.endswith("q_proj.weight"):
+                        layer = int(name.split(".")[2])
+                        for head in planted_by_layer.get(layer, []):
+                            block[head * hd : (head + 1) * hd] += 4e-3 * torch.randn(hd, shape[1], generator=gen)
+                ft.write(block.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    assert h * hd == specs[2][1][0]
+    with open(stamp_path, "w") as f:
+        json.dump(stamp, f)
+    print(f"built {base_dir} and {task_dir} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return base_dir, task_dir, planted
+
+
+# ---- the naive approach, run in its own process ---------------------------------------------------
+NAIVE_SCRIPT = r"""
+import json, sys
+import numpy as np
+import torch
+from scipy.stats import wasserstein_distance
+from transformers import AutoModelForCausalLM
+
+base_path, task_path, out_path, ratio = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16)
+task = AutoModelForCausalLM.from_pretrained(task_path, dtype=torch.bfloat16)
+cfg = base.config
+H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+
+
+def dist(attn, h):
+    g = h // (H // KV)
+    wq = attn.q_proj.weight[h * hd:(h + 1) * hd].double().numpy()
+    wk = attn.k_proj.weight[g * hd:(g + 1) * hd].double().numpy()
+    wv = attn.v_proj.weight[g * hd:(g + 1) * hd].double().numpy()
+    x = (wq.T @ (wk @ wv.T)).flatten()
+    p = np.exp(x - x.max())
+    return p / p.sum()
+
+
+scores = []
+with torch.no_grad():
+    for lb, lt in zip(base.model.layers, task.model.layers):
+        row = []
+        for h in range(H):
+            pb, pt = dist(lb.self_attn, h), dist(lt.self_attn, h)
+            xs = np.linspace(0.0, 1.0, pb.size)
+            row.append(wasserstein_distance(xs, xs, pb, pt))
+        scores.append(row)
+s = np.array(scores)
+k = int(np.ceil(round(ratio * s.size, 9)))
+order = np.argsort(-s.flatten(), kind="stable")[:k]
+heads = sorted([int(i) // H, int(i) % H] for i in order)
+json.dump({"heads": heads}, open(out_path, "w"))
+"""
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Run `cmd` in a child of a fresh measuring process: wall time and the child's peak RSS (MB)."""
+    runner = (
+        "import json, resource, subprocess, sys, time\n"
+        "cmd = json.loads(sys.argv[1])\n"
+        "t0 = time.perf_counter()\n"
+        "proc = subprocess.run(cmd, capture_output=True, text=True)\n"
+        "wall = time.perf_counter() - t0\n"
+        "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "peak, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime\n"
+        "print(json.dumps({'rc': proc.returncode, 'wall_s': wall, 'peak_mb': peak, 'cpu_s': cpu, "
+        "'stdout': proc.stdout[-4000:], 'stderr': proc.stderr[-4000:]}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", runner, json.dumps(cmd)], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"measuring process failed: {out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if result["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {result['rc']}):\n{result['stderr']}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "alps_bench_localize"))
+    parser.add_argument("--tiny", action="store_true", help="small shapes: checks that the script works")
+    parser.add_argument("--skip-naive", action="store_true", help="only run alps-localize")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads of both measured processes (OMP_NUM_THREADS)"
+    )
+    args = parser.parse_args(argv)
+
+    dims = TINY if args.tiny else FULL
+    workdir = os.path.join(args.workdir, "tiny" if args.tiny else "llama-3.2-1b-shape")
+    base_dir, task_dir, planted = build_pair(workdir, dims, args.seed)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+
+    load_before = os.getloadavg()[0]
+    heads_path = os.path.join(workdir, "alps_heads.json")
+    alps_cmd = [sys.executable, "-m", "alps_trl.cli.localize", base_dir, task_dir]
+    alps_cmd += ["--ratio", str(RATIO), "--output", heads_path, "--quiet"]
+    alps = measure(alps_cmd, env)
+    with open(heads_path) as f:
+        alps_heads = sorted(tuple(h) for h in json.load(f)["heads"])
+
+    rows = [("alps-localize", alps)]
+    naive_heads = None
+    if not args.skip_naive:
+        naive_path = os.path.join(workdir, "naive_heads.json")
+        naive = measure([sys.executable, "-c", NAIVE_SCRIPT, base_dir, task_dir, naive_path, str(RATIO)], env)
+        with open(naive_path) as f:
+            naive_heads = sorted(tuple(h) for h in json.load(f)["heads"])
+        rows.append(("naive (HF load + scipy)", naive))
+
+    size_mb = sum(os.path.getsize(os.path.join(d, "model.safetensors")) for d in (base_dir, task_dir)) / 2**20
+    shape = ", ".join(f"{k}={v}" for k, v in dims.items())
+    threads = args.threads or "default"
+    print(
+        f"\nmodel pair: llama ({shape}); {size_mb:.0f} MB of bf16 safetensors in total; {os.cpu_count()} CPUs, "
+        f"threads: {threads}, 1-min load average at start: {load_before:.1f}"
+    )
+    print(f"{'method':<26}{'time (s)':>10}{'CPU time (s)':>14}{'peak RSS (MB)':>16}")
+    for label, res in rows:
+        print(f"{label:<26}{res['wall_s']:>10.2f}{res['cpu_s']:>14.2f}{res['peak_mb']:>16.0f}")
+    print(f"alps-localize top-{RATIO:.0%} == planted heads: {alps_heads == sorted(planted)} ({len(alps_heads)} heads)")
+    if naive_heads is not None:
+        naive = rows[1][1]
+        print(
+            f"speed-up: {naive['wall_s'] / alps['wall_s']:.1f}x (CPU time: {naive['cpu_s'] / alps['cpu_s']:.1f}x)   "
+            "memory fraction: "
+            f"{alps['peak_mb'] / naive['peak_mb']:.3f}   top-{RATIO:.0%} sets identical: {alps_heads == naive_heads}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
