@@ -14,10 +14,10 @@ from typing import Any
 
 from trl import DPOConfig, SFTConfig
 
+from alps_trl.restriction import MODES
+from alps_trl.scoring import METRICS
 from alps_trl.selection import STRATEGIES, validate_ratio
 
-METRICS = ("pad", "kl", "js", "cosine", "euclidean")
-MODES = ("auto", "mask", "delta")
 # Fraction of the planned optimizer steps that the probe runs when `alps_probe_steps` is None: the paper's cheap
 # task model is an attention-only fine-tune on about 10% of the data.
 PROBE_FRACTION = 0.1

@@ -24,11 +24,13 @@ logger = logging.get_logger(__name__)
 
 
 def selection_from_checkpoint(
-    checkpoint: str, layout: AttentionLayout, given: HeadSelection | None
+    checkpoint: str, layout: AttentionLayout, given: HeadSelection | None, alps: AlpsArguments | None = None
 ) -> HeadSelection | None:
     """The selection saved in `checkpoint` (None, with a warning, if it has none).
 
-    Raises ValueError if it does not fit the model or differs from a selection the user gave.
+    Raises ValueError if it does not fit the model or differs from a selection the user gave. Warns
+    when `alps` asks for another ratio, strategy or metric than the saved selection was made with:
+    the saved heads are kept, since a resumed run must keep training the same rows.
     """
     path = os.path.join(checkpoint, HEADS_FILE)
     if not os.path.isfile(path):
@@ -42,7 +44,25 @@ def selection_from_checkpoint(
             "head_selection / alps_heads, or start a new run."
         )
     logger.info(f"ALPS: resuming with the head selection saved in {path} (no re-localization).")
+    changed = _changed_options(saved, alps) if given is None and alps is not None else []
+    if changed:
+        logger.warning(
+            f"ALPS: resuming from {checkpoint} keeps its saved heads, made with {', '.join(changed)}. The new "
+            "options are ignored; to localize with them, start a new run (no resume_from_checkpoint)."
+        )
     return saved
+
+
+def _changed_options(saved: HeadSelection, alps: AlpsArguments) -> list[str]:
+    """'alps_x=<saved> (now <asked>)' for every localization option that differs from the saved selection's."""
+    changed = []
+    if saved.ratio is not None and not math.isclose(float(saved.ratio), float(alps.alps_ratio)):
+        changed.append(f"alps_ratio={saved.ratio} (now {alps.alps_ratio})")
+    if saved.strategy and saved.strategy != alps.alps_strategy:
+        changed.append(f"alps_strategy={saved.strategy!r} (now {alps.alps_strategy!r})")
+    elif saved.strategy == "top_k" and saved.metric not in (None, "none", alps.alps_metric):
+        changed.append(f"alps_metric={saved.metric!r} (now {alps.alps_metric!r})")
+    return changed
 
 
 def random_selection(alps: AlpsArguments, layout: AttentionLayout) -> HeadSelection:

@@ -52,6 +52,39 @@ def refuse_deepspeed_mask(args: Any, mode: str) -> None:
         )
 
 
+# Optimizers whose update of a row does not depend on that row's gradient alone, or that step before ALPS masks:
+# GaLore/APOLLO project gradients to low rank (rows mix) and build their own groups (decay reaches frozen rows);
+# LOMO/AdaLOMO update the weights inside backward; torch.optim.ASGD shrinks every weight by its `lambd` term.
+_ROW_MIXING_OPTIMIZERS = ("galore", "apollo", "lomo")
+_ROW_MIXING_OPTIMIZER_CLASSES = ("ASGD",)
+
+
+def refuse_mask_optimizer(args: Any, mode: str, optimizer_cls: type | None = None) -> None:
+    """Refuse, in mask mode, an optimizer that would move the frozen rows.
+
+    Args:
+        args: the training arguments (``args.optim`` is checked against `_ROW_MIXING_OPTIMIZERS`).
+        mode: the resolved restriction mode; only "mask" is checked.
+        optimizer_cls: the class of the trainer's ``optimizer_cls_and_kwargs``, if any.
+    """
+    if mode != "mask":
+        return
+    optim = str(getattr(getattr(args, "optim", ""), "value", getattr(args, "optim", "")))
+    if optimizer_cls is not None:
+        optim = optimizer_cls.__name__
+        bad = optim in _ROW_MIXING_OPTIMIZER_CLASSES
+    else:
+        bad = any(key in optim for key in _ROW_MIXING_OPTIMIZERS)
+    if bad:
+        raise ValueError(
+            f"The optimizer {optim!r} cannot keep the unselected heads' q/k/v rows frozen in alps_mode='mask': it "
+            "mixes rows of a weight's update (GaLore/APOLLO low-rank projections, which also decay every row), "
+            "updates weights inside backward before ALPS masks the gradients (LOMO), or shrinks weights whose "
+            "gradient is zero (ASGD). Use an element-wise optimizer (adamw_torch, adamw_torch_fused, adafactor, sgd, "
+            "8-bit AdamW, ...), or alps_mode='delta'."
+        )
+
+
 def refuse_fsdp1(trainer: Any) -> None:
     """FSDP1 flattens parameters into 1-D views on which no per-row gradient hook fires: only FSDP2 works."""
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None

@@ -14,11 +14,13 @@ Layer 5. Put it first in the bases (``class AlpsSFTTrainer(AlpsTrainerMixin, SFT
    (`get_decay_parameter_names`) and applies their decay to selected rows only right before each
    optimizer step (``on_pre_optimizer_step``, which runs after clipping);
 5. saves standard checkpoints (delta mode: deltas merged into a copy of the state dict) plus
-   ``alps_heads.json``/``.png``; for a quantized base the small delta file and an ``alps-merge`` hint.
+   ``alps_heads.json``/``.png``; for a quantized base the small delta file and an ``alps-merge`` hint
+   (`alps_trl.checkpoints`); resuming and ``load_best_model_at_end`` restore deltas over the original base.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from typing import Any
@@ -29,13 +31,15 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from alps_trl import checkpoints
 from alps_trl import head_sources as sources
 from alps_trl import probe as probe_module
 from alps_trl import summary as report
 from alps_trl.anatomy import AttentionLayout, unwrap_model
+from alps_trl.checkpoints import DELTA_FILE, MERGE_HINT_FILE  # noqa: F401 - re-exported
 from alps_trl.config import AlpsArguments, alps_arguments_of, planned_probe_steps
 from alps_trl.restriction import build_restriction, is_quantized, resolve_mode
-from alps_trl.restriction.delta import load_delta_file, merge_state_dict, save_delta_file
+from alps_trl.restriction.delta import merge_state_dict
 from alps_trl.selection import HeadSelection
 from alps_trl.trainer_checks import (
     PEFT_MESSAGE,
@@ -44,12 +48,10 @@ from alps_trl.trainer_checks import (
     refuse_before_init,
     refuse_deepspeed_mask,
     refuse_fsdp1,
+    refuse_mask_optimizer,
 )
 
 logger = logging.get_logger(__name__)
-
-DELTA_FILE = "alps_delta.safetensors"
-MERGE_HINT_FILE = "ALPS_MERGE.md"
 
 ALPS_PAPER = {
     "title": "ALPS: Attention Localization and Pruning Strategy for Efficient Alignment of Large Language Models",
@@ -167,42 +169,41 @@ class AlpsTrainerMixin:
                 # FSDP2's full state dict is empty on non-writer ranks: nothing to merge, nothing to write.
                 super()._save(output_dir, state_dict=state_dict)
             elif is_quantized(self.model):
-                self._alps_save_quantized(output_dir, restriction, deltas)
+                checkpoints.save_quantized_run(
+                    output_dir, self.model, restriction, deltas, self.processing_class, self.args
+                )
             else:
                 full = state_dict if state_dict is not None else self.model.state_dict()
                 super()._save(output_dir, state_dict=merge_state_dict(full, deltas))
-                self._alps_save_delta_file(os.path.join(output_dir, DELTA_FILE), restriction, deltas)
+                checkpoints.write_delta_file(self.model, restriction, deltas, os.path.join(output_dir, DELTA_FILE))
         else:
             super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save and self._alps_selection is not None:
             self._alps_write_selection(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        restriction = self._alps_restriction
-        if restriction is None or restriction.mode != "delta" or _is_sharded_checkpoint(resume_from_checkpoint):
-            # A sharded (FSDP SHARDED_STATE_DICT) checkpoint holds the unmerged base and the deltas by name.
+        if not self._alps_checkpoint_has_deltas(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        delta_path = os.path.join(resume_from_checkpoint, DELTA_FILE)
-        if not os.path.isfile(delta_path):
-            raise FileNotFoundError(
-                f"{resume_from_checkpoint} has no {DELTA_FILE}: it is not a checkpoint of an ALPS delta-mode run."
-            )
-        if not is_quantized(self.model):
-            # The checkpoint holds merged weights; keep the frozen base rows and restore the deltas instead, so the
-            # base (and the DPO reference) stay exactly the original model.
-            params = dict(unwrap_model(self.model).named_parameters())
-            kept = {
-                t.name: (t.dim, idx, params[t.name].detach().index_select(t.dim, idx).clone())
-                for t in restriction.targets
-                if t.num_selected and t.name in params
-                for idx in [t.selected.to(params[t.name].device)]
-            }
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            with torch.no_grad():
-                for name, (dim, idx, rows) in kept.items():
-                    params[name].data.index_copy_(dim, idx, rows)
-        tensors, _, _ = load_delta_file(delta_path)
-        restriction.load_delta_state_dict(self.model, tensors)
+        load = functools.partial(super()._load_from_checkpoint, resume_from_checkpoint, model)
+        checkpoints.load_delta_checkpoint(self.model, self._alps_restriction, resume_from_checkpoint, load)
+
+    def _load_best_model(self) -> None:
+        """load_best_model_at_end: a delta-mode checkpoint holds merged weights, so load it like a resume does
+        (loading it as is would add the final deltas on top of the best checkpoint's merged rows)."""
+        checkpoint = self.state.best_model_checkpoint
+        if not self._alps_checkpoint_has_deltas(checkpoint):
+            return super()._load_best_model()
+        checkpoints.load_delta_checkpoint(self.model, self._alps_restriction, checkpoint, super()._load_best_model)
+
+    def _alps_checkpoint_has_deltas(self, checkpoint: str) -> bool:
+        """Whether `checkpoint` must be loaded as base + delta file (delta mode, not an FSDP sharded checkpoint)."""
+        restriction = self._alps_restriction
+        # A sharded (FSDP SHARDED_STATE_DICT) checkpoint holds the unmerged base and the deltas by name.
+        return (
+            restriction is not None
+            and restriction.mode == "delta"
+            and not checkpoints.is_sharded_checkpoint(checkpoint)
+        )
 
     # ---- setup --------------------------------------------------------------------------------
     def _alps_bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -240,6 +241,8 @@ class AlpsTrainerMixin:
         self._alps_layout = layout
         refuse_deepspeed_mask(self.args, self._alps_mode)
         refuse_fsdp1(self)
+        optimizer_cls = (getattr(self, "optimizer_cls_and_kwargs", None) or (None,))[0]
+        refuse_mask_optimizer(self.args, self._alps_mode, optimizer_cls)
         if self._alps_explicit is not None:
             self._alps_explicit.check_compatible(layout)
         elif alps.alps_heads:
@@ -279,6 +282,11 @@ class AlpsTrainerMixin:
             return None
         if resume is True:
             found = get_last_checkpoint(self.args.output_dir)
+            if found is None:  # Trainer.train raises this too, but only after localization would have run
+                raise ValueError(
+                    f"No valid checkpoint found in output directory ({self.args.output_dir}): pass the checkpoint "
+                    "path as resume_from_checkpoint, or train without resuming."
+                )
             return found
         return str(resume)
 
@@ -294,6 +302,8 @@ class AlpsTrainerMixin:
                         "reading trainer.head_selection."
                     )
             return
+        if checkpoint is not None:
+            checkpoints.check_resume_mode(checkpoint, self._alps_mode)
         selection = self._alps_selection_from_checkpoint(checkpoint) if checkpoint else None
         if selection is not None:
             self._alps_source = "checkpoint"
@@ -306,6 +316,7 @@ class AlpsTrainerMixin:
             self._alps_mode,
             restrict_o_proj=self._alps.alps_restrict_o_proj,
             train_non_attention=self._alps.alps_train_non_attention,
+            delta_dtype=self._alps_delta_dtype(),
         )
         restriction.install(self.model)
         self._alps_selection, self._alps_restriction = selection, restriction
@@ -315,9 +326,38 @@ class AlpsTrainerMixin:
         if self.accelerator.is_main_process:
             logger.warning(f"{report.summary_table(self._alps_summary)}\n{selection.summary()}")
 
+    def _alps_delta_dtype(self) -> torch.dtype | None:
+        """The dtype of the delta-mode parameters: None (float32) except under FSDP.
+
+        FSDP2 requires one dtype for all trainable parameters it shards together (AssertionError "FSDP expects
+        uniform original parameter dtype"): next to trainable bf16 MLP/norm weights in the same decoder layer,
+        float32 deltas fail on the first forward. There the deltas take the dtype of the other trainable parameters.
+        """
+        alps, model = self._alps, unwrap_model(self.model)
+        if self._alps_mode != "delta" or not self.is_fsdp_enabled or not alps.alps_train_non_attention:
+            return None
+        if is_quantized(model):  # every base parameter is frozen: only the deltas train
+            return None
+        attention = {n for lp in self._alps_layout.layers for n in lp.qkv_tensor_names()}
+        dtypes = {
+            p.dtype
+            for n, p in model.named_parameters()
+            if p.requires_grad and p.is_floating_point() and n not in attention
+        }
+        if len(dtypes) != 1 or dtypes == {torch.float32}:
+            return None  # several dtypes: DeltaRestriction.install warns with the remedies
+        dtype = dtypes.pop()
+        if self.accelerator.is_main_process:
+            logger.warning(
+                f"ALPS delta mode under FSDP: the head deltas are {dtype} like the other trainable parameters (FSDP "
+                "needs one dtype per sharded layer). For float32 deltas, load the model in float32 and train with "
+                "bf16 mixed precision."
+            )
+        return dtype
+
     def _alps_selection_from_checkpoint(self, checkpoint: str) -> HeadSelection | None:
         given = self._alps_explicit or getattr(self, "_alps_heads_file", None)
-        return sources.selection_from_checkpoint(checkpoint, self._alps_layout, given)
+        return sources.selection_from_checkpoint(checkpoint, self._alps_layout, given, self._alps)
 
     def _alps_localize(self) -> HeadSelection | None:
         """The selection by precedence; None on ranks that wait for the main process's broadcast."""
@@ -368,35 +408,6 @@ class AlpsTrainerMixin:
         else:
             report.write_selection_files(self._alps_selection, directory)
 
-    def _alps_save_delta_file(self, path: str, restriction, deltas: dict, base_model: str | None = None) -> None:
-        """`restriction.save_delta` from already gathered deltas (gathering again on the writer alone would hang)."""
-        model = unwrap_model(self.model)
-        save_delta_file(
-            deltas,
-            path,
-            selection=restriction.selection,
-            base_model=base_model or getattr(getattr(model, "config", None), "_name_or_path", ""),
-            restrict_o_proj=restriction.restrict_o_proj,
-        )
-
-    def _alps_save_quantized(self, output_dir: str, restriction, deltas: dict) -> None:
-        """A quantized base cannot hold merged weights: save the delta file, tokenizer, args and a merge hint."""
-        os.makedirs(output_dir, exist_ok=True)
-        model = unwrap_model(self.model)
-        base = getattr(model.config, "_name_or_path", "") or "BASE_MODEL_DIR"
-        self._alps_save_delta_file(os.path.join(output_dir, DELTA_FILE), restriction, deltas, base_model=base)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
-        with open(os.path.join(output_dir, MERGE_HINT_FILE), "w") as f:
-            f.write(
-                "# ALPS deltas over a quantized base\n\n"
-                f"`{DELTA_FILE}` holds the trained rows of the selected heads. Apply them to the full-precision "
-                "base to get a standard checkpoint:\n\n"
-                f"```\nalps-merge {base} {os.path.join(output_dir, DELTA_FILE)} MERGED_OUTPUT_DIR\n```\n"
-            )
-        logger.warning(f"ALPS: saved deltas to {output_dir}; merge: alps-merge {base} {output_dir}/{DELTA_FILE} OUT")
-
 
 class AlpsCallback(TrainerCallback):
     """Attaches the restriction after `accelerator.prepare`, decays selected rows before each step, logs."""
@@ -421,14 +432,6 @@ class AlpsCallback(TrainerCallback):
         if restriction is None or not args.weight_decay:
             return
         restriction.apply_weight_decay(trainer.model, _group_lr(trainer, restriction), args.weight_decay)
-
-
-def _is_sharded_checkpoint(checkpoint: str) -> bool:
-    """True for a checkpoint saved by FSDP with SHARDED_STATE_DICT (a pytorch_model_fsdp_* folder)."""
-    return os.path.isdir(checkpoint) and any(
-        name.startswith("pytorch_model_fsdp") and os.path.isdir(os.path.join(checkpoint, name))
-        for name in os.listdir(checkpoint)
-    )
 
 
 def _group_lr(trainer: AlpsTrainerMixin, restriction) -> float:

@@ -4,7 +4,15 @@ import os
 
 import pytest
 import torch
-from trainer_helpers import assert_restricted, qkv_snapshot, sft_config, sft_dataset, tiny_model, tiny_tokenizer
+from trainer_helpers import (
+    assert_restricted,
+    qkv_snapshot,
+    save_tiny_model,
+    sft_config,
+    sft_dataset,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 from alps_trl import probe
 from alps_trl.selection import HeadSelection
@@ -53,3 +61,71 @@ def test_resume_reuses_selection_and_matches_uninterrupted_run(arch, mode, tmp_p
             assert torch.equal(params[name].detach(), old), name
     for (n, a), (_, b) in zip(first.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=n)
+
+
+def test_load_best_model_at_end_in_delta_mode(tmp_path):
+    """A day-one setup (model path, no processing_class, evaluation, save_total_limit, load_best_model_at_end):
+    the best delta-mode checkpoint (merged weights) loads as base + its deltas, not merged weights + final deltas."""
+    from safetensors.torch import load_file
+
+    from alps_trl.restriction.delta import merge_state_dict
+
+    model_dir = save_tiny_model(str(tmp_path / "base"), "llama")
+    base = qkv_snapshot(tiny_model("llama"))
+    args = sft_config(str(tmp_path / "out"), alps_mode="delta", alps_probe_steps=1, max_steps=3, eval_strategy="steps",
+                      eval_steps=1, save_strategy="steps", save_steps=1, save_total_limit=1,
+                      load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)  # fmt: skip
+    trainer = AlpsSFTTrainer(model=model_dir, args=args, train_dataset=sft_dataset(8), eval_dataset=sft_dataset(4))
+    trainer.train()
+
+    best = trainer.state.best_model_checkpoint
+    checkpoints = sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*"))
+    assert len(checkpoints) <= 2 and os.path.basename(best) in checkpoints
+    for name in ["", *checkpoints]:
+        assert os.path.isfile(tmp_path / "out" / name / "alps_heads.json"), name
+        assert os.path.isfile(tmp_path / "out" / name / "alps_heads.png"), name
+    params = dict(trainer.model.named_parameters())
+    for name, old in base.items():  # the frozen base stays the original model
+        assert torch.equal(params[name].detach(), old), name
+    effective = merge_state_dict(trainer.model.state_dict(), trainer.restriction.delta_state_dict(trainer.model))
+    saved = load_file(os.path.join(best, "model.safetensors"))
+    for name in base:
+        torch.testing.assert_close(effective[name], saved[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_resume_with_other_alps_options_keeps_the_saved_heads_and_warns(tmp_path):
+    from transformers.testing_utils import CaptureLogger
+
+    from alps_trl import head_sources
+    from alps_trl.anatomy import AttentionLayout
+    from alps_trl.config import AlpsArguments
+
+    model = tiny_model("llama")
+    layout = AttentionLayout.from_model(model)
+    saved = HeadSelection(2, 8, 2, [(0, 1), (1, 6)], ratio=0.1, strategy="top_k", metric="pad", head_dim=8,
+                          hidden_size=64, model_type="llama")  # fmt: skip
+    saved.save(tmp_path / "alps_heads.json")
+    with CaptureLogger(head_sources.logger) as same:
+        assert head_sources.selection_from_checkpoint(str(tmp_path), layout, None, AlpsArguments()) == saved
+    assert "ignored" not in same.out
+    asked = AlpsArguments(alps_ratio=0.5, alps_metric="kl")
+    with CaptureLogger(head_sources.logger) as other:
+        assert head_sources.selection_from_checkpoint(str(tmp_path), layout, None, asked) == saved
+    assert "alps_ratio=0.1 (now 0.5)" in other.out and "alps_metric='pad' (now 'kl')" in other.out
+    assert "new run" in other.out
+
+
+def test_resume_in_another_alps_mode_is_refused_before_loading(tmp_path):
+    from alps_trl.checkpoints import DELTA_FILE, check_resume_mode
+
+    delta_run, mask_run, sharded = tmp_path / "delta", tmp_path / "mask", tmp_path / "sharded"
+    for directory in (delta_run, mask_run, sharded / "pytorch_model_fsdp_0"):
+        directory.mkdir(parents=True)
+    (delta_run / DELTA_FILE).write_bytes(b"")
+    with pytest.raises(ValueError, match="Resume with alps_mode='delta'"):
+        check_resume_mode(str(delta_run), "mask")
+    with pytest.raises(ValueError, match="alps_mode='mask' for a full-weight checkpoint"):
+        check_resume_mode(str(mask_run), "delta")
+    check_resume_mode(str(delta_run), "delta")
+    check_resume_mode(str(mask_run), "mask")
+    check_resume_mode(str(sharded), "delta")  # FSDP sharded checkpoints keep the deltas by parameter name

@@ -247,3 +247,34 @@ def test_precedence_argument_over_file_over_task_model(tmp_path):
     common = dict(alps_heads=str(tmp_path / "heads.json"), alps_task_model=task)
     assert _trainer(tiny_model("llama"), tmp_path / "a", head_selection=from_arg, **common).head_selection == from_arg
     assert _trainer(tiny_model("llama"), tmp_path / "b", **common).head_selection == from_file
+
+
+@pytest.mark.parametrize(
+    ("args", "trainer_kwargs"),
+    [
+        # TRL's own SFTConfig defaults on CPU (bf16 autocast, activation checkpointing, adamw_torch_fused).
+        (dict(), {}),
+        (dict(optim="adafactor", bf16=False, max_grad_norm=0.0), {}),  # no clipping
+        (dict(optim="adamw_bnb_8bit", bf16=False, gradient_checkpointing=False, weight_decay=0.0), {}),
+        # Coupled weight decay and momentum of SGD; fp16 grad scaling; warmup; uneven last accumulation window.
+        (dict(fp16=True, bf16=False, max_steps=-1, num_train_epochs=1, gradient_accumulation_steps=3,
+              per_device_train_batch_size=3, warmup_steps=1, lr_scheduler_type="cosine"),
+         dict(optimizer_cls_and_kwargs=(torch.optim.SGD, dict(momentum=0.9, nesterov=True, weight_decay=0.1)))),
+    ],
+    ids=["trl-defaults", "adafactor", "adamw-8bit", "sgd-fp16-uneven-accumulation"],
+)  # fmt: skip
+def test_frozen_rows_with_other_optimizers_and_precisions(args, trainer_kwargs, tmp_path):
+    from trl import SFTConfig
+
+    model = tiny_model("llama")
+    qkv = qkv_snapshot(model)
+    selection = HeadSelection(2, 8, 2, [(0, 1), (1, 6)], head_dim=8, hidden_size=64, model_type="llama")
+    args = {"max_steps": 2, "weight_decay": 0.1, **args}
+    config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", disable_tqdm=True, learning_rate=1e-2,
+                       save_strategy="no", **args)  # fmt: skip
+    data, tokenizer = sft_dataset(10), tiny_tokenizer()
+    trainer = AlpsSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                             head_selection=selection, **trainer_kwargs)  # fmt: skip
+    trainer.train()
+    assert trainer.state.global_step >= 2
+    assert_restricted(qkv, trainer.model, selection)

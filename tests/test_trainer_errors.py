@@ -127,3 +127,33 @@ def test_fsdp1_is_refused():
         refuse_fsdp1(fake(1))
     refuse_fsdp1(fake(2))
     refuse_fsdp1(SimpleNamespace(is_fsdp_enabled=False))
+
+
+def test_row_mixing_optimizers_are_refused_in_mask_mode(tmp_path):
+    from alps_trl.trainer_checks import refuse_mask_optimizer
+
+    for optim in ("galore_adamw", "galore_adafactor_layerwise", "apollo_adamw", "adalomo"):
+        with pytest.raises(ValueError, match="alps_mode='delta'"):
+            refuse_mask_optimizer(SimpleNamespace(optim=optim), "mask")
+        refuse_mask_optimizer(SimpleNamespace(optim=optim), "delta")
+    for optim in ("adamw_torch_fused", "adafactor", "sgd", "adamw_bnb_8bit", "paged_lion_8bit"):
+        refuse_mask_optimizer(SimpleNamespace(optim=optim), "mask")
+    refuse_mask_optimizer(SimpleNamespace(optim="sgd"), "mask", torch.optim.SGD)
+    with pytest.raises(ValueError, match="'lomo'"):  # checked when the trainer is built
+        _build(tmp_path, optim="lomo", alps_strategy="random")
+    with pytest.raises(ValueError, match="'ASGD'"):
+        AlpsSFTTrainer(model=tiny_model("llama"), args=sft_config(str(tmp_path), alps_strategy="random"),
+                       train_dataset=sft_dataset(), processing_class=tiny_tokenizer(),
+                       optimizer_cls_and_kwargs=(torch.optim.ASGD, {}))  # fmt: skip
+
+
+def test_resume_true_without_checkpoint_fails_before_localizing(tmp_path, monkeypatch):
+    from alps_trl import probe
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("localization ran although there is nothing to resume from")
+
+    monkeypatch.setattr(probe, "run_probe", no_probe)
+    trainer = _build(tmp_path)
+    with pytest.raises(ValueError, match="No valid checkpoint found"):
+        trainer.train(resume_from_checkpoint=True)

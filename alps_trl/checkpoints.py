@@ -1,0 +1,129 @@
+"""What an ALPS delta-mode run writes into ``output_dir`` / ``checkpoint-*`` and how it reads it back.
+
+Helpers of `AlpsTrainerMixin` (layer 5). A non-quantized base is saved as a standard checkpoint with
+the deltas merged in, plus ``alps_delta.safetensors``; a quantized base cannot hold merged weights, so
+its run saves only the delta file, the tokenizer, the training args and an ``alps-merge`` hint. Loading
+(resume, ``load_best_model_at_end``) keeps the in-memory frozen base and restores the deltas from the
+delta file, so the base (and the DPO reference) stay exactly the original model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import logging
+
+from alps_trl.anatomy import unwrap_model
+from alps_trl.restriction import is_quantized
+from alps_trl.restriction.delta import load_delta_file, save_delta_file
+
+logger = logging.get_logger(__name__)
+
+DELTA_FILE = "alps_delta.safetensors"
+MERGE_HINT_FILE = "ALPS_MERGE.md"
+
+
+def is_sharded_checkpoint(checkpoint: str) -> bool:
+    """True for a checkpoint saved by FSDP with SHARDED_STATE_DICT (a pytorch_model_fsdp_* folder).
+
+    Such a checkpoint holds the unmerged base and the deltas by parameter name.
+    """
+    return os.path.isdir(checkpoint) and any(
+        name.startswith("pytorch_model_fsdp") and os.path.isdir(os.path.join(checkpoint, name))
+        for name in os.listdir(checkpoint)
+    )
+
+
+def check_resume_mode(checkpoint: str, mode: str) -> None:
+    """Refuse to resume `checkpoint` in another restriction mode than the one it was saved with.
+
+    A delta-mode checkpoint carries ``alps_delta.safetensors`` (FSDP sharded ones excepted); a mask-mode
+    one does not. Raises ValueError before anything is localized or loaded.
+    """
+    has_deltas = os.path.isfile(os.path.join(checkpoint, DELTA_FILE))
+    if mode == "mask" and has_deltas:
+        raise ValueError(
+            f"{checkpoint} was saved by an alps_mode='delta' run (it holds {DELTA_FILE}), but this run uses "
+            "alps_mode='mask'; the optimizer state cannot carry over. Resume with alps_mode='delta', or start a new "
+            "run."
+        )
+    if mode == "delta" and not has_deltas and not is_sharded_checkpoint(checkpoint):
+        raise ValueError(_not_a_delta_checkpoint(checkpoint))
+
+
+def _not_a_delta_checkpoint(checkpoint: str) -> str:
+    return (
+        f"{checkpoint} has no {DELTA_FILE}: it is not a checkpoint of an ALPS delta-mode run. Resume with the "
+        "alps_mode it was trained with (alps_mode='mask' for a full-weight checkpoint) or start a new run."
+    )
+
+
+def write_delta_file(
+    model: torch.nn.Module, restriction: Any, deltas: dict[str, torch.Tensor], path: str, base_model: str | None = None
+) -> None:
+    """`restriction.save_delta` from already gathered `deltas` (gathering again on the writer alone would hang)."""
+    model = unwrap_model(model)
+    save_delta_file(
+        deltas,
+        path,
+        selection=restriction.selection,
+        base_model=base_model or getattr(getattr(model, "config", None), "_name_or_path", ""),
+        restrict_o_proj=restriction.restrict_o_proj,
+    )
+
+
+def save_quantized_run(
+    output_dir: str,
+    model: torch.nn.Module,
+    restriction: Any,
+    deltas: dict[str, torch.Tensor],
+    processing_class: Any,
+    args: Any,
+) -> None:
+    """Save what a quantized-base run can: the delta file, tokenizer, training args and a merge hint."""
+    os.makedirs(output_dir, exist_ok=True)
+    base = getattr(unwrap_model(model).config, "_name_or_path", "") or "BASE_MODEL_DIR"
+    delta_path = os.path.join(output_dir, DELTA_FILE)
+    write_delta_file(model, restriction, deltas, delta_path, base_model=base)
+    if processing_class is not None:
+        processing_class.save_pretrained(output_dir)
+    torch.save(args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+    with open(os.path.join(output_dir, MERGE_HINT_FILE), "w") as f:
+        f.write(
+            "# ALPS deltas over a quantized base\n\n"
+            f"`{DELTA_FILE}` holds the trained rows of the selected heads. Apply them to the full-precision "
+            "base to get a standard checkpoint:\n\n"
+            f"```\nalps-merge {base} {delta_path} MERGED_OUTPUT_DIR\n```\n"
+        )
+    logger.warning(f"ALPS: saved deltas to {output_dir}; merge: alps-merge {base} {delta_path} OUT")
+
+
+def load_delta_checkpoint(
+    model: torch.nn.Module, restriction: Any, checkpoint: str, load_checkpoint: Callable[[], Any]
+) -> None:
+    """Restore the deltas of a delta-mode `checkpoint` into `model`.
+
+    `load_checkpoint` is Trainer's own loader; it runs (non-quantized bases only) for the parameters
+    outside the restriction, and the frozen base rows it overwrites with merged values are put back.
+    """
+    delta_path = os.path.join(checkpoint, DELTA_FILE)
+    if not os.path.isfile(delta_path):
+        raise FileNotFoundError(_not_a_delta_checkpoint(checkpoint))
+    if not is_quantized(model):
+        params = dict(unwrap_model(model).named_parameters())
+        kept = {
+            t.name: (t.dim, idx, params[t.name].detach().index_select(t.dim, idx).clone())
+            for t in restriction.targets
+            if t.num_selected and t.name in params
+            for idx in [t.selected.to(params[t.name].device)]
+        }
+        load_checkpoint()
+        with torch.no_grad():
+            for name, (dim, idx, rows) in kept.items():
+                params[name].data.index_copy_(dim, idx, rows)
+    tensors, _, _ = load_delta_file(delta_path)
+    restriction.load_delta_state_dict(model, tensors)
