@@ -8,10 +8,17 @@ The reference model (no ``ref_model`` given) is chosen to be exact and as cheap 
 - ``alps_train_non_attention=True`` (default): MLP, norms and embeddings train too, and recovering
   their original values would take a near-full copy. Instead the reference log-probs are computed
   once, before training, from the untouched policy (TRL's ``precompute_ref_log_probs``): one
-  forward pass over the data, no copy kept. An IterableDataset (or, with several processes, an
-  in-memory dataset: ranks share TRL's precompute cache through files) cannot be precomputed; then
-  the reference is a frozen copy of the initial model, as in plain DPO.
+  forward pass over the data, no copy kept. TRL caches them in a file beside the dataset's files
+  and every rank reads that file back; an in-memory dataset (``Dataset.from_dict``/``from_list``)
+  has no such files and TRL would write into a per-process temporary directory that the other
+  ranks cannot see (FileNotFoundError on rank 1). With several processes and an in-memory dataset,
+  `_precompute_ref_logps` therefore keeps the log-probs in memory: every rank receives all of them
+  through the same gather TRL uses and attaches them as columns, no file involved. Only an
+  IterableDataset (train or eval) cannot be precomputed; then the reference is a frozen copy of the
+  initial model, as in plain DPO.
 - A ``ref_model`` given by the user, or ``precompute_ref_log_probs=True``, is respected as is.
+
+The choice is logged once at startup (main process) and kept in ``trainer.reference_kind``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from datasets import IterableDataset
+import torch
+from accelerate.utils import tqdm
+from datasets import Dataset, IterableDataset, concatenate_datasets
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
@@ -49,6 +58,7 @@ class AlpsDPOTrainer(AlpsTrainerMixin, DPOTrainer):
             args = DPOConfig(f"{name.split('/')[-1]}-DPO")
         alps = alps_arguments_of(args)
         train_dataset = kwargs.get("train_dataset", rest[1] if len(rest) > 1 else None)
+        eval_dataset = kwargs.get("eval_dataset", rest[2] if len(rest) > 2 else None)
         reference = None
         if ref_model is not None:
             kind = "user"
@@ -62,20 +72,17 @@ class AlpsDPOTrainer(AlpsTrainerMixin, DPOTrainer):
         elif not alps.alps_train_non_attention and not _sharded_backend(args) and not isinstance(model, str):
             kind = "parameter-free"
             reference = ref_model = AlpsReferenceModel(model)
-        elif _can_precompute(args, train_dataset):
+        elif _can_precompute(args, train_dataset, eval_dataset):
             kind = "precomputed"
             args.precompute_ref_log_probs = True
         else:
             kind = "copy"
             if not isinstance(model, str):
                 ref_model = copy.deepcopy(model)
-            logger.warning(
-                "ALPS DPO: the reference log-probs cannot be precomputed here (an IterableDataset, or an in-memory "
-                "dataset with several processes, which share TRL's precompute cache through files), so the reference "
-                "is a second copy of the model. Use a dataset loaded from files, or alps_train_non_attention=False."
-            )
         self.reference_kind = kind
         super().__init__(model, ref_model, args, *rest, **kwargs)
+        if self.accelerator.is_main_process:
+            logger.warning(f"ALPS DPO reference: {kind} ({REFERENCE_KINDS[kind]}).")
         if reference is not None:
             # TRL prepared and patched the reference like a full model; use the bare module: it runs the policy,
             # which already carries TRL's fused LM head.
@@ -83,17 +90,84 @@ class AlpsDPOTrainer(AlpsTrainerMixin, DPOTrainer):
             self.ref_model = reference
             reference.set_context(self._alps_reference_context)
 
+    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+        """TRL's precompute, or, with several processes and an in-memory dataset, the same log-probs kept in memory.
+
+        TRL's file cache works only where every rank can read the main process's file: beside a dataset that has
+        cache files. Otherwise every rank runs the same forward passes over its shard of the data (as TRL does),
+        gathers the log-probs of all ranks, and attaches them as the float32 columns ``ref_chosen_logps`` and
+        ``ref_rejected_logps`` [len(dataset)], which is what TRL's cache file would have held.
+        """
+        if (
+            isinstance(dataset, IterableDataset)
+            or self.accelerator.num_processes == 1
+            or getattr(dataset, "cache_files", None)
+        ):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        logger.info(
+            f"ALPS DPO: the {name} dataset lives in memory only; keeping its reference log-probs in memory on every "
+            "process instead of TRL's cache file."
+        )
+        chosen, rejected = self._alps_gathered_ref_logps(dataset, name, batch_size)
+        if chosen.numel() != len(dataset):
+            raise RuntimeError(f"Gathered {chosen.numel()} reference log-probs for {len(dataset)} {name} examples.")
+        columns = Dataset.from_dict(
+            {"ref_chosen_logps": chosen.float().numpy(), "ref_rejected_logps": rejected.float().numpy()}
+        )
+        return concatenate_datasets([dataset, columns], axis=1)
+
+    def _alps_gathered_ref_logps(self, dataset: Any, name: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of every example, in dataset order, on every rank: (chosen [N], rejected [N]) CPU."""
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            shuffle=False,
+        )
+        loader = self.accelerator.prepare(loader)
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        chosen, rejected = [], []
+        bar = tqdm(loader, desc=f"Computing reference log probs for {name} dataset", disable=self.args.disable_tqdm)
+        for batch in bar:
+            # gather_for_metrics drops the samples the sharded loader repeats to even out the last batch.
+            c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+        return torch.cat(chosen), torch.cat(rejected)
+
     def _alps_reference_context(self):
         if self._alps_probe_reference is not None:
             return self._alps_probe_reference()
         return self.restriction.reference(self.model)
 
 
-def _can_precompute(args: Any, train_dataset: Any) -> bool:
-    """TRL precomputes into a cache file beside the dataset: map-style data, on disk when several ranks read it."""
+REFERENCE_KINDS = {
+    "parameter-free": "the policy with the original attention rows, no copy",
+    "precomputed": "reference log-probs computed once before training from the untouched model, no copy kept",
+    "user": "the ref_model passed to the trainer",
+    "copy": "a frozen copy of the initial model: an IterableDataset cannot be precomputed; use a map-style "
+    "datasets.Dataset, or alps_train_non_attention=False, to avoid it",
+}
+
+
+def _can_precompute(args: Any, train_dataset: Any, eval_dataset: Any = None) -> bool:
+    """Whether the reference log-probs can be precomputed: map-style train (and eval) data.
+
+    In-memory datasets qualify with any number of processes (`AlpsDPOTrainer._precompute_ref_logps`).
+    """
     if train_dataset is None or isinstance(train_dataset, IterableDataset):
         return False
-    return args.world_size <= 1 or bool(getattr(train_dataset, "cache_files", None))
+    evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+    return not any(isinstance(e, IterableDataset) for e in evals)
 
 
 def _sharded_backend(args: Any) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from alps_trl.anatomy import AttentionLayout, unwrap_model
@@ -124,16 +125,27 @@ def run_probe(trainer: Any, steps: int) -> tuple[dict[str, torch.Tensor], dict[s
                     activation_checkpointing_kwargs=args.gradient_checkpointing_kwargs
                 )
             trainer._alps_probe_reference = lambda: swapped_in(inner, before)
-            for _ in range(steps):
-                for _ in range(accumulation):
-                    inputs = trainer._prepare_inputs(next(batches))
-                    with trainer.compute_loss_context_manager():
-                        loss = trainer.compute_loss(model, inputs)
-                    (loss / accumulation).backward()
-                if args.max_grad_norm and args.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            # Like Trainer's own bars: on the main process only, off with disable_tqdm.
+            bar = tqdm(
+                total=steps,
+                desc="ALPS probe",
+                unit="step",
+                disable=bool(args.disable_tqdm) or not trainer.is_world_process_zero(),
+            )
+            with bar:
+                for _ in range(steps):
+                    for _ in range(accumulation):
+                        inputs = trainer._prepare_inputs(next(batches))
+                        with trainer.compute_loss_context_manager():
+                            loss = trainer.compute_loss(model, inputs)
+                        (loss / accumulation).backward()
+                    if args.max_grad_norm and args.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if not bar.disable:
+                        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                    bar.update(1)
             after = {n: params[n].detach().to("cpu", copy=True) for n in names}
             del optimizer
     finally:

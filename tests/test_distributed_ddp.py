@@ -21,7 +21,7 @@ from distributed_helpers import (
 
 pytestmark = pytest.mark.distributed
 
-SCENARIOS = ["sft-mask", "sft-delta", "dpo-mask", "dpo-delta"]
+SCENARIOS = ["sft-mask", "sft-delta", "dpo-mask", "dpo-delta", "dpo-delta-memory", "dpo-delta-memory-copyref"]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,22 @@ def test_ddp_two_ranks_unselected_rows_exact(ddp_run, scenario):
     assert_run_exact(reports, world_size=2, distributed_type="MULTI_CPU", fsdp=False)
     if scenario == "dpo-mask":
         assert reports[0]["reference_kind"] == "parameter-free"
-    elif scenario == "dpo-delta":
+    elif scenario in ("dpo-delta", "dpo-delta-memory"):
         assert reports[0]["reference_kind"] == "precomputed"
+
+
+def test_ddp_dpo_in_memory_dataset_precomputes_exact_reference(ddp_run):
+    """Dataset.from_dict data under 2 ranks: TRL's precompute cache would live in rank 0's temporary directory
+    (FileNotFoundError on rank 1); ALPS keeps the reference log-probs in memory instead, no model copy, and the
+    losses equal those of an explicit deepcopy reference."""
+    _, out = ddp_run
+    memory = read_reports(out, "dpo-delta-memory", 2)
+    copyref = read_reports(out, "dpo-delta-memory-copyref", 2)
+    assert [r["reference_kind"] for r in memory + copyref] == ["precomputed"] * 2 + ["user"] * 2
+    assert len(memory[0]["losses"]) == 3 and memory[0]["losses"] == memory[1]["losses"]
+    torch.testing.assert_close(
+        torch.tensor(memory[0]["losses"]), torch.tensor(copyref[0]["losses"]), atol=1e-6, rtol=0
+    )
 
 
 def test_ddp_final_checkpoint_is_the_trained_model(ddp_run):

@@ -22,7 +22,7 @@ from distributed_helpers import (
 
 pytestmark = pytest.mark.distributed
 
-TWO_RANK = ["sft-mask", "sft-delta", "dpo-mask", "sft-mask-resume", "sft-delta-resume"]
+TWO_RANK = ["sft-mask", "sft-delta", "dpo-mask", "sft-mask-resume", "sft-delta-resume", "sft-delta-bf16"]
 THREE_RANK = ["sft-mask", "sft-delta"]
 
 
@@ -46,6 +46,20 @@ def test_fsdp2_two_ranks_unselected_rows_exact(fsdp2_run, scenario):
     if scenario.startswith("dpo"):
         # Sharded backends precompute the reference log-probs instead of swapping rows inside the sharded policy.
         assert reports[0]["reference_kind"] == "precomputed"
+
+
+def test_fsdp2_bf16_base_delta_mode_takes_the_trainable_dtype(fsdp2_run):
+    """A bf16 base with trainable MLP/norms: fp32 deltas beside bf16 weights in one FSDP2 layer would fail ("FSDP
+    expects uniform original parameter dtype"); the deltas are bf16 there, and the unselected rows stay exact."""
+    reports = read_reports(fsdp2_run, "sft-delta-bf16", 2)
+    assert_run_exact(reports, world_size=2, distributed_type="FSDP", fsdp=True)
+    for r in reports:
+        assert r["delta_dtypes"] == ["torch.bfloat16"] and r["deltas_trained"] and r["base_qkv_untouched"]
+        assert len(r["losses"]) == 3 and all(loss == loss for loss in r["losses"])  # no NaN
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(fsdp2_run / "sft-delta-bf16" / "final", dtype=torch.bfloat16)
+    assert state_digest({n: p.detach() for n, p in final.named_parameters()}) == reports[0]["digest"]
 
 
 @pytest.mark.parametrize("scenario", ["sft-mask", "sft-delta", "dpo-mask"])

@@ -125,7 +125,9 @@ def test_sync_ref_model_is_refused(tmp_path):
         )
 
 
-def test_precompute_needs_files_when_several_processes_share_it():
+def test_precompute_needs_map_style_data():
+    """In-memory data precomputes with any number of processes (kept in memory, see test_distributed_ddp);
+    only an IterableDataset, for training or evaluation, falls back to a reference copy."""
     from types import SimpleNamespace
 
     from datasets import Dataset
@@ -133,6 +135,9 @@ def test_precompute_needs_files_when_several_processes_share_it():
     from alps_trl.dpo_trainer import _can_precompute
 
     in_memory = Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]})
+    streamed = in_memory.to_iterable_dataset()
     assert _can_precompute(SimpleNamespace(world_size=1), in_memory)
-    assert not _can_precompute(SimpleNamespace(world_size=2), in_memory)
-    assert not _can_precompute(SimpleNamespace(world_size=1), in_memory.to_iterable_dataset())
+    assert _can_precompute(SimpleNamespace(world_size=2), in_memory, {"eval": in_memory})
+    assert not _can_precompute(SimpleNamespace(world_size=1), streamed)
+    assert not _can_precompute(SimpleNamespace(world_size=2), in_memory, streamed)
+    assert not _can_precompute(SimpleNamespace(world_size=2), in_memory, {"a": in_memory, "b": streamed})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -41,6 +42,12 @@ SCENARIOS = {
     "sft-delta-resume": ("sft", "delta", True),
     # 4-bit NF4 base (bf16 quant storage, as recipes/accelerate_configs/fsdp2_qlora.yaml documents): delta mode.
     "sft-delta-4bit": ("sft", "delta", False),
+    # The DPO data as an in-memory datasets.Dataset (from_dict), the most common way it is passed.
+    "dpo-delta-memory": ("dpo", "delta", True),
+    # The same run with an explicit deepcopy of the base as ref_model: the losses both must log.
+    "dpo-delta-memory-copyref": ("dpo", "delta", True),
+    # A bf16 base: the deltas must take the dtype of the trainable bf16 MLP weights beside them under FSDP2.
+    "sft-delta-bf16": ("sft", "delta", True),
 }
 HEADS = [(0, 1), (1, 6)]
 RESUME_FROM = 2  # the resume scenario saves every RESUME_FROM steps and resumes from checkpoint-RESUME_FROM
@@ -70,10 +77,12 @@ def selection_for(heads):
     return HeadSelection(2, 8, 2, heads, head_dim=8, hidden_size=64, model_type="llama", strategy="fixed")
 
 
-def dataset_for(base: str, kind: str):
-    from datasets import load_from_disk
+def dataset_for(base: str, kind: str, in_memory: bool = False):
+    from datasets import Dataset, load_from_disk
 
-    return load_from_disk(os.path.join(base, f"data_{kind}"))
+    dataset = load_from_disk(os.path.join(base, f"data_{kind}"))
+    # from_dict keeps the rows in memory only: no cache files that other ranks could read.
+    return Dataset.from_dict(dataset.to_dict()) if in_memory else dataset
 
 
 def make_config(kind: str, mode: str, non_attention: bool, out: str, steps: int, strategy: str | None, save: bool):
@@ -125,11 +134,11 @@ def mark_deepspeed_switch(config) -> None:
     os.environ["ACCELERATE_USE_CPU"] = "false"
 
 
-def load_base(path: str, four_bit: bool = False):
+def load_base(path: str, four_bit: bool = False, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if not four_bit:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -215,13 +224,15 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
             mark_fsdp_switch()
         if args.deepspeed:
             mark_deepspeed_switch(config)
-        model = load_base(args.base, four_bit)
+        model = load_base(args.base, four_bit, dtype)
         trainer_cls = AlpsSFTTrainer if kind == "sft" else AlpsDPOTrainer
         selection = None if heads is None else selection_for(heads)
+        extra = {"ref_model": copy.deepcopy(model)} if name.endswith("-copyref") else {}
         trainer = trainer_cls(
             model=model,
+            **extra,
             args=config,
-            train_dataset=dataset_for(args.base, kind),
+            train_dataset=dataset_for(args.base, kind, in_memory="-memory" in name),
             processing_class=tokenizer,
             head_selection=selection,
         )
@@ -236,7 +247,8 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
     rank = int(os.environ.get("RANK", "0"))
     heads = OTHER_HEADS if (args.mismatch and rank == 1) else HEADS
     four_bit = name.endswith("-4bit")
-    base = full_tensors(load_base(args.base, four_bit))
+    dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
+    base = full_tensors(load_base(args.base, four_bit, dtype))
     if resume:
         # First run saves sharded checkpoints; a fresh trainer with NO selection given (and a strategy that would
         # pick other heads) resumes from the first checkpoint and must restore the saved selection.
@@ -293,6 +305,8 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
         "mlp_changed": any(not bits_equal(base[k], merged[k]) for k in mlp),
         "digest": state_digest(merged),
         "shapes": {k: list(v.shape) for k, v in merged.items() if k in rows},
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "delta_dtypes": sorted({str(v.dtype) for k, v in final.items() if ".alps_delta." in k}),
     }
     report["all_digests"] = gather_object([report["digest"]])
     if args.save:
