@@ -1,0 +1,332 @@
+"""Training cost of ALPS against full fine-tuning, w/o attn and LoRA, on a ~100M-parameter Llama.
+
+Usage:
+    python benchmarks/bench_train.py                  # default run (CPU: a few minutes on 2 cores)
+    python benchmarks/bench_train.py --quick          # smoke test on a tiny model
+    python benchmarks/bench_train.py --device cuda    # on a GPU (peak memory from torch.cuda.max_memory_allocated)
+    python benchmarks/bench_train.py --update-results benchmarks/RESULTS.md   # also write the table there
+
+Every method trains the same model (built from a config: Llama architecture, GQA) on the same batches, in one
+process, interleaved: the methods take turns block by block (the order rotates every block), so that machine noise
+hits all of them alike. Each step is the trainer's sequence, through `finetune_loop.train_step`:
+backward -> mask_gradients -> clip -> apply_weight_decay -> AdamW step.
+
+Methods: Full; w/o attn (all q/k/v frozen); ALPS mask 10% (the real q/k/v train, other rows masked; everything else
+trains, the paper's setting); ALPS delta 10% with every non-attention parameter frozen (deltas only); LoRA rank 128
+on q/k/v (PEFT, rest frozen). The head selection is a seeded random 10% of heads (`localize_heads(...,
+strategy="random")`): cost depends on how many heads and kv groups train, not on which.
+
+Memory: "train-state" bytes are measured from the live tensors after a step: all parameters, the gradients that the
+step materializes (one per trainable tensor, full size) and the optimizer state. On CUDA the isolated peak of one
+step per method (torch.cuda.max_memory_allocated, one method resident at a time) is reported as well. CPU peak RSS
+is not reported: all methods share one process, so it cannot be attributed to one of them.
+
+Time: the median over the timed steps of each method. On CPU the ratios use each step's process CPU time (one
+thread by default), which other jobs on a shared machine do not inflate; wall-clock medians are shown beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import finetune_loop as loop  # noqa: E402
+
+BENCH_START = "<!-- bench_train:start -->"
+BENCH_END = "<!-- bench_train:end -->"
+
+
+def model_config(quick: bool, vocab: int):
+    """~100M parameters (quick: ~0.2M): Llama, 12 layers, d=768, 12 query heads, 4 kv heads (GQA), head_dim 64."""
+    from transformers import LlamaConfig
+
+    if quick:
+        dims = dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2
+        )
+    else:
+        dims = dict(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+        )
+    config = LlamaConfig(
+        vocab_size=vocab,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        **dims,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+class Batch:
+    def __init__(self, input_ids: torch.Tensor) -> None:
+        self.input_ids = input_ids
+        self.labels = input_ids
+        self.attention_mask = torch.ones_like(input_ids)
+
+
+def make_methods(model: torch.nn.Module, ratio: float, lora_rank: int) -> list[loop.Method]:
+    from alps_trl.localize import localize_heads
+
+    selection = localize_heads(model, model, ratio=ratio, strategy="random", seed=0)
+    pct = f"{round(ratio * 100)}%"
+    return [
+        loop.Method("Full", "full"),
+        loop.Method("w/o attn", "wo_attn"),
+        loop.Method(f"ALPS mask {pct}", "heads", selection=selection, mode="mask"),
+        loop.Method(
+            f"ALPS delta {pct}, rest frozen", "heads", selection=selection, mode="delta", train_non_attention=False
+        ),
+        loop.Method(f"LoRA r={lora_rank} q/k/v", "lora", lora_rank=lora_rank),
+    ]
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def train_state_bytes(prep: loop.Prepared, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Parameters (all), gradients (one per trainable tensor, as a step materializes them), optimizer state."""
+    params = list(prep.model.parameters())
+    return {
+        "params": tensor_bytes(params),
+        "grads": tensor_bytes(p for p in params if p.requires_grad),
+        "optimizer": loop.optimizer_state_bytes(optimizer),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cuda_isolated_peaks(base, methods, batch, lr, wd, device) -> dict[str, int]:
+    """Peak allocated bytes of one training step per method, with only that method's model resident."""
+    peaks = {}
+    for method in methods:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        prep = loop.prepare(copy.deepcopy(base).to(device), method)
+        optimizer = loop.make_optimizer(prep, lr, wd)
+        for _ in range(2):  # the second step runs with the optimizer state allocated
+            loop.train_step(prep, optimizer, batch, lr, wd)
+        _sync(device)
+        peaks[method.name] = torch.cuda.max_memory_allocated(device)
+        del prep, optimizer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peaks
+
+
+def run(args) -> dict:
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = model_config(args.quick, args.vocab)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    n_params = sum(p.numel() for p in base.parameters())
+    methods = make_methods(base, args.ratio, args.lora_rank)
+    gen = torch.Generator().manual_seed(0)
+    total_steps = args.warmup + args.blocks * args.block_size
+    batches = [
+        Batch(torch.randint(2, config.vocab_size, (args.batch, args.seq), generator=gen).to(device))
+        for _ in range(total_steps)
+    ]
+    preps, optimizers = [], []
+    for method in methods:
+        torch.manual_seed(0)
+        prep = loop.prepare(copy.deepcopy(base).to(device), method)
+        prep.model.train()
+        preps.append(prep)
+        optimizers.append(loop.make_optimizer(prep, args.lr, args.weight_decay))
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    cpu_times: dict[str, list[float]] = {m.name: [] for m in methods}
+    state = {}
+    # Warm-up (not timed), each method on the same batches.
+    for m, prep, opt in zip(methods, preps, optimizers):
+        for step in range(args.warmup):
+            loop.train_step(prep, opt, batches[step], args.lr, args.weight_decay)
+        state[m.name] = train_state_bytes(prep, opt)
+    order = list(range(len(methods)))
+    for block in range(args.blocks):
+        rot = order[block % len(order) :] + order[: block % len(order)]
+        for i in rot:
+            for j in range(args.block_size):
+                step = args.warmup + block * args.block_size + j
+                _sync(device)
+                t0, c0 = time.perf_counter(), time.process_time()
+                loop.train_step(preps[i], optimizers[i], batches[step], args.lr, args.weight_decay)
+                _sync(device)
+                times[methods[i].name].append(time.perf_counter() - t0)
+                cpu_times[methods[i].name].append(time.process_time() - c0)
+    # On CPU the ratios use per-step process CPU time: on a shared machine wall time also counts the time other jobs
+    # held the cores. On CUDA they use wall time (the host mostly waits for the device).
+    basis = cpu_times if device.type == "cpu" else times
+    rows = []
+    full_median = statistics.median(basis[methods[0].name])
+    for m, prep in zip(methods, preps):
+        med = statistics.median(basis[m.name])
+        rows.append(
+            {
+                "method": m.name,
+                "median_step_s": med,
+                "median_wall_s": statistics.median(times[m.name]),
+                "ratio_to_full": med / full_median,
+                "trainable": loop.trainable_parameters(prep),
+                **{f"{k}_bytes": v for k, v in state[m.name].items()},
+                "steps_timed": len(times[m.name]),
+            }
+        )
+    selection = methods[2].selection
+    del preps, optimizers
+    gc.collect()
+    if device.type == "cuda":
+        peaks = cuda_isolated_peaks(base, methods, batches[0], args.lr, args.weight_decay, device)
+        for row in rows:
+            row["cuda_peak_bytes"] = peaks[row["method"]]
+    return {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "params": n_params,
+        "config": {
+            k: getattr(config, k)
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+            )
+        },
+        "heads": f"{len(selection.heads)}/{selection.num_layers * selection.num_heads} heads, "
+        f"{int(selection.kv_mask().sum())}/{selection.num_layers * selection.num_kv_heads} kv groups",
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+        "basis": "process CPU time" if device.type == "cpu" else "wall time",
+    }
+
+
+def _mb(x: int) -> str:
+    return f"{x / 2**20:,.1f}"
+
+
+def markdown(result: dict, args, command: str, runtime: float) -> str:
+    cuda = "cuda_peak_bytes" in result["rows"][0]
+    lines = [
+        f"Command: `{command}` ({runtime / 60:.1f} min). Device: {result['device']}, torch {torch.__version__}, "
+        f"{result['threads']} threads. Model: Llama from a config, {result['params'] / 1e6:.1f}M parameters "
+        f"({result['config']}). Batch {args.batch} x {args.seq} tokens, fp32, AdamW; {args.warmup} warm-up steps "
+        f"per method, then {args.blocks} interleaved blocks of {args.block_size} steps (median over "
+        f"{args.blocks * args.block_size} steps per method). Head selection: {result['heads']}.",
+        "",
+        f"| Method | Median step, {result['basis']} (s) | vs Full | Median step, wall (s) | Trainable params | "
+        "Params MB | Grads MB | Optimizer state MB | Train-state MB" + (" | CUDA peak MB |" if cuda else " |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""),
+    ]
+    for r in result["rows"]:
+        total = r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"]
+        lines.append(
+            f"| {r['method']} | {r['median_step_s']:.3f} | {r['ratio_to_full']:.2f}x | {r['median_wall_s']:.3f} | "
+            f"{r['trainable']:,} | "
+            f"{_mb(r['params_bytes'])} | {_mb(r['grads_bytes'])} | {_mb(r['optimizer_bytes'])} | {_mb(total)} |"
+            + (f" {_mb(r['cuda_peak_bytes'])} |" if cuda else "")
+        )
+    lines += [
+        "",
+        "Train-state MB = all parameters + the gradients a step materializes (full tensors for every trainable "
+        "parameter; in mask mode the whole q/k/v gradient exists and its frozen rows are zeroed) + AdamW state. "
+        "Activations are not included" + ("; CUDA peak is one method resident at a time." if cuda else "."),
+    ]
+    return "\n".join(lines)
+
+
+def update_results(path: str, text: str) -> None:
+    """Replace (or append) the marked benchmark section of RESULTS.md, leaving the rest as it is."""
+    block = f"{BENCH_START}\n{text}\n{BENCH_END}"
+    old = open(path).read() if os.path.isfile(path) else "# ALPS in miniature: results\n"
+    if BENCH_START in old and BENCH_END in old:
+        head, rest = old.split(BENCH_START, 1)
+        new = head + block + rest.split(BENCH_END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n## Training cost (bench_train.py)\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, 1 warm-up step, 2 blocks of 1 step")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=16384)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
+    parser.add_argument("--blocks", type=int, default=4, help="interleaved rounds")
+    parser.add_argument("--block-size", type=int, default=2, help="consecutive timed steps per method per round")
+    parser.add_argument("--ratio", type=float, default=0.1)
+    parser.add_argument("--lora-rank", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default on CPU: 1, so that a step's process CPU time is its own compute, not time "
+        "spent spinning while other jobs hold the cores; on CUDA: torch's choice)",
+    )
+    parser.add_argument("--update-results", default=None, help="write the table into this RESULTS.md section")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.vocab, args.seq, args.warmup, args.blocks, args.block_size = 512, 16, 1, 2, 1
+        args.lora_rank = min(args.lora_rank, 8)
+    if args.threads is None and not (
+        args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    ):
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    result = run(args)
+    runtime = time.time() - start
+    command = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(result, args, command.strip(), runtime)
+    print(text)
+    rows = {r["method"]: r for r in result["rows"]}
+    names = list(rows)
+    mask, delta, lora = rows[names[2]], rows[names[3]], rows[names[4]]
+    print(
+        f"\nALPS mask / Full step time: {mask['ratio_to_full']:.3f}; ALPS delta / Full: {delta['ratio_to_full']:.3f}; "
+        f"ALPS delta / LoRA: {delta['median_step_s'] / lora['median_step_s']:.3f}; trainable ALPS delta "
+        f"{delta['trainable']:,} vs LoRA {lora['trainable']:,}"
+    )
+    if args.update_results:
+        update_results(args.update_results, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
