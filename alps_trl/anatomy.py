@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily: reading a checkpoint's layout must not need it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,8 @@ class AttentionLayout:
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """Strip DDP/FSDP/torch.compile/PEFT wrappers down to the module that owns `.config`."""
+    import torch
+
     seen = 0
     while seen < 8:
         seen += 1

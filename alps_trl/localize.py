@@ -7,11 +7,9 @@ before any scoring work.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from alps_trl.scoring import open_pair, resolve_device, score_heads, validate_metric, validate_temperature
+from alps_trl.scoring import open_pair, resolve_device, score_array, validate_metric, validate_temperature
 from alps_trl.selection import (
     STRATEGIES,
     HeadSelection,
@@ -21,6 +19,9 @@ from alps_trl.selection import (
     select_top_k,
     validate_ratio,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 def validate_strategy(strategy: str) -> str:
@@ -57,7 +58,8 @@ def localize_heads(
         device: where scores are computed (None -> CUDA if available, else CPU).
         progress: tqdm bar over layers while scoring.
     Returns:
-        HeadSelection with scores (float64 [L, H], top_k only), the model shape and provenance.
+        HeadSelection with scores (numpy float64 [L, H], top_k only), the model shape and provenance. On CPU
+        with checkpoint inputs and strategy top_k, torch is not imported.
     """
     ratio = validate_ratio(ratio)
     strategy = validate_strategy(strategy)
@@ -69,7 +71,7 @@ def localize_heads(
     k = num_selected(ratio, layout.num_layers, layout.num_heads)
     scores = None
     if strategy == "top_k":
-        scores = score_heads(src_b, src_t, metric=metric, temperature=temperature, device=device, progress=progress)
+        scores = score_array(src_b, src_t, metric=metric, temperature=temperature, device=device, progress=progress)
         heads = select_top_k(scores, k)
     elif strategy == "random":
         heads = select_random(layout.num_layers, layout.num_heads, k, seed)

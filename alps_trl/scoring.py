@@ -1,6 +1,6 @@
 """Head scores: how far each attention head's distribution moved between a base and a task model.
 
-Layer 3 (scoring half), pure tensor code; the definition is fixed by ALPS_METHOD.md:
+Layer 3 (scoring half), pure array code; the definition is fixed by ALPS_METHOD.md:
 
     Wo[h] = Wq[h]^T @ (Wk[g] @ Wv[g]^T)        [d, hd], g = h // (H // KV)
     P[h]  = softmax(flatten(Wo[h]) / tau)       N = d * hd entries, row-major
@@ -11,23 +11,34 @@ Everything runs in float64, one layer at a time, all heads of a layer (in chunks
 batched matmul. The ablation distances of the paper (kl, js, cosine, euclidean) use the same P.
 `head_logits` + `distribution_distance` state the definition directly; `score_layer` computes the
 same numbers from Wo^T (a faster matmul shape) and forms the row-major CDF without transposing back.
+
+The math is written once against `alps_trl.array_ops`: numpy computes it on CPU (a checkpoint is then
+scored without importing torch), torch on CUDA. `score_heads` returns a torch tensor (the library API),
+`score_array` the same numbers as a numpy array.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+import os
+import sys
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from alps_trl.array_ops import ops_for
 from alps_trl.weights import WeightSource, open_weight_source
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS = ("pad", "kl", "js", "cosine", "euclidean")
 
-# Elements (float64) of one [heads, N] logits chunk: bounds the working set per step to a few tens of MB
-# whatever the model size, while keeping each batched op large enough to be efficient.
-_CHUNK_ELEMENTS = 1 << 22
+# Elements (float64) of one [heads, N] logits chunk (at least one kv group): bounds the working set per
+# step whatever the model size. Small chunks (4 MB: one kv group of a 1B model) stay cache-friendly; each
+# matmul is still a few hd x hd x d products, large enough for BLAS.
+_CHUNK_ELEMENTS = 1 << 19
 
 
 def validate_metric(metric: str) -> str:
@@ -46,114 +57,167 @@ def validate_temperature(temperature: float) -> float:
     return value
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """`None` -> CUDA when available, else CPU."""
+def cuda_impossible() -> bool:
+    """True when there is certainly no usable CUDA device, found without importing torch.
+
+    Decides whether the default device needs torch's own answer: with CUDA_VISIBLE_DEVICES empty, on a
+    Linux machine without GPU device nodes, or with a CPU-only torch build there can be no CUDA.
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return True
+    if sys.platform.startswith("linux"):
+        nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg", "/proc/driver/nvidia")
+        if not any(os.path.exists(node) for node in nodes):
+            return True
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return True
+    version_py = os.path.join(list(spec.submodule_search_locations)[0], "version.py")
+    try:
+        with open(version_py) as f:
+            text = f.read()
+    except OSError:
+        return False
+    # A CPU-only build says `cuda: Optional[str] = None` and `hip: Optional[str] = None`.
+    builds = [line.split("=", 1)[1].strip() for line in text.splitlines() if line.startswith(("cuda", "hip"))]
+    return bool(builds) and all(value == "None" for value in builds)
+
+
+def resolve_device(device: torch.device | str | None) -> str:
+    """The device to compute on, as a string ("cpu", "cuda", "cuda:1", ...).
+
+    `None` -> "cuda" when available, else "cpu". "cpu" is resolved without importing torch.
+    """
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if "torch" not in sys.modules and cuda_impossible():
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device, str) and (device == "cpu" or device.startswith("cpu:")):
+        return "cpu"
+    import torch
+
     try:
         dev = torch.device(device)
-    except RuntimeError as err:
+    except (RuntimeError, TypeError) as err:
         raise ValueError(f"Invalid device {device!r}: {err}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"Device {device!r} was requested but CUDA is not available; use --device cpu.")
-    return dev
+    return "cpu" if dev.type == "cpu" else str(dev)
 
 
-def head_logits(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+# ---- the math, written once for numpy arrays and torch tensors (alps_trl.array_ops) ---------------
+def head_logits(wq: Any, wk: Any, wv: Any, out: Any = None) -> Any:
     """Flattened head transformation matrices of one layer (or of a chunk of its kv groups).
 
     Args:
         wq: [H, hd, d]; wk, wv: [KV, hd, d], with H a multiple of KV (query head h -> group h // (H // KV)).
+            numpy arrays or torch tensors (all of one kind).
         out: optional contiguous [H, d * hd] buffer to write into.
     Returns:
         [H, d * hd]: row h is flatten(Wq[h]^T @ (Wk[g] @ Wv[g]^T)) in row-major order, in the inputs' dtype.
     """
+    ops = ops_for(wq)
     num_heads, head_dim, hidden = wq.shape
     num_kv = wk.shape[0]
     if num_heads % num_kv:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv} kv heads.")
     group = num_heads // num_kv
-    kv_product = wk @ wv.transpose(-1, -2)  # [KV, hd, hd]: Wk @ Wv^T first, d*hd^2 per group
-    wq_t = wq.reshape(num_kv, group, head_dim, hidden).transpose(-1, -2)  # [KV, G, d, hd]
-    kv_b = kv_product.unsqueeze(1).expand(num_kv, group, head_dim, head_dim)
+    kv_product = ops.matmul(wk, ops.swap_last(wv))  # [KV, hd, hd]: Wk @ Wv^T first, d*hd^2 per group
+    wq_t = ops.swap_last(wq.reshape(num_kv, group, head_dim, hidden))  # [KV, G, d, hd]
+    kv_b = ops.expand(kv_product[:, None], (num_kv, group, head_dim, head_dim))
     if out is None:
-        return torch.matmul(wq_t, kv_b).reshape(num_heads, hidden * head_dim)
-    torch.matmul(wq_t, kv_b, out=out.view(num_kv, group, hidden, head_dim))
+        return ops.matmul(wq_t, kv_b).reshape(num_heads, hidden * head_dim)
+    ops.matmul(wq_t, kv_b, out=out.reshape(num_kv, group, hidden, head_dim))
     return out
 
 
-def _softmax_(x: torch.Tensor) -> torch.Tensor:
+def _softmax_(x: Any) -> Any:
     """Row softmax in place (max-subtracted), so the large [n, N] buffers are never reallocated."""
-    x.sub_(x.amax(dim=-1, keepdim=True))
-    if x.device.type == "cpu" and x.is_contiguous():
-        # numpy's vectorised float64 exp is ~1.7x faster than torch's on CPU; exp dominates this step.
-        np.exp(x.numpy(), out=x.numpy())
-    else:
-        x.exp_()
-    return x.div_(x.sum(dim=-1, keepdim=True))
+    ops = ops_for(x)
+    x -= ops.max(x)
+    ops.exp_(x)
+    x /= ops.sum(x)
+    return x
 
 
-def distribution_distance(
-    logits_base: torch.Tensor, logits_task: torch.Tensor, metric: str = "pad", temperature: float = 1.0
-) -> torch.Tensor:
+def _log_softmax_(x: Any) -> Any:
+    """Row log-softmax in place."""
+    ops = ops_for(x)
+    x -= ops.max(x)
+    x -= ops.log(ops.sum(ops.exp(x)))
+    return x
+
+
+def distribution_distance(logits_base: Any, logits_task: Any, metric: str = "pad", temperature: float = 1.0) -> Any:
     """Distance between softmax(logits_base / tau) and softmax(logits_task / tau), row by row.
 
     Args:
-        logits_base, logits_task: float64 [n, N], contiguous. Both are overwritten (used as scratch space).
+        logits_base, logits_task: float64 [n, N], contiguous numpy arrays or torch tensors. Both are
+            overwritten (used as scratch space).
     Returns:
         float64 [n]: pad (W1 on evenly spaced points), kl = KL(P_base || P_task) (nats), js (nats),
         cosine distance 1 - cos, or euclidean ||P_base - P_task||_2.
     """
+    ops = ops_for(logits_base)
     if temperature != 1.0:
-        logits_base.div_(temperature)
-        logits_task.div_(temperature)
+        logits_base /= temperature
+        logits_task /= temperature
     n_points = logits_base.shape[-1]
     if metric == "pad":
         p_base, p_task = _softmax_(logits_base), _softmax_(logits_task)
         # cumsum of the difference, not the difference of two cumsums: the CDFs agree to ~1e-9 and their
         # separate rounding errors (~1e-16 * C) would otherwise swamp small scores.
-        cdf_gap = torch.cumsum(p_base.sub_(p_task), dim=-1, out=p_task)
-        return torch.linalg.vector_norm(cdf_gap[:, :-1], ord=1, dim=-1) / (n_points - 1)
+        p_base -= p_task
+        cdf_gap = ops.cumsum(p_base)
+        return ops.abs_sum(cdf_gap[:, :-1]) / (n_points - 1)
     if metric in ("kl", "js"):
-        log_base = torch.log_softmax(logits_base, dim=-1)
-        log_task = torch.log_softmax(logits_task, dim=-1)
+        log_base, log_task = _log_softmax_(logits_base), _log_softmax_(logits_task)
+        p_base = ops.exp(log_base)
         if metric == "kl":
-            return (log_base.exp() * (log_base - log_task)).sum(dim=-1).clamp_min_(0.0)
-        p_base, p_task = log_base.exp_(), log_task.exp_()
-        mid = 0.5 * (p_base + p_task)
-        # xlogy(p, p / m): exactly 0 where p == m, and where p underflows to 0.
-        js = 0.5 * torch.special.xlogy(p_base, p_base / mid).sum(dim=-1)
-        js += 0.5 * torch.special.xlogy(p_task, p_task / mid).sum(dim=-1)
-        return js.clamp_min_(0.0)
+            log_base -= log_task
+            return ops.clamp_min_(ops.sum(p_base * log_base, keepdim=False), 0.0)
+        p_task = ops.exp(log_task)
+        mid = (p_base + p_task) * 0.5
+        js = ops.relative_entropy_sum(p_base, mid) * 0.5
+        js += ops.relative_entropy_sum(p_task, mid) * 0.5
+        return ops.clamp_min_(js, 0.0)
     p_base, p_task = _softmax_(logits_base), _softmax_(logits_task)
     if metric == "cosine":
         # 1 - cos(a, b) == |a/|a| - b/|b||^2 / 2: no cancellation when the distributions nearly agree.
-        p_base.div_(p_base.norm(dim=-1, keepdim=True))
-        p_task.div_(p_task.norm(dim=-1, keepdim=True))
-        return 0.5 * torch.linalg.vector_norm(p_base.sub_(p_task), dim=-1).square_()
+        p_base /= ops.norm(p_base, keepdim=True)
+        p_task /= ops.norm(p_task, keepdim=True)
+        p_base -= p_task
+        return ops.norm(p_base) ** 2 * 0.5
     if metric == "euclidean":
-        return torch.linalg.vector_norm(p_base.sub_(p_task), dim=-1)
+        p_base -= p_task
+        return ops.norm(p_base)
     raise ValueError(validate_metric(metric))
 
 
 def score_layer(
-    base_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    task_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    base_qkv: tuple[Any, Any, Any],
+    task_qkv: tuple[Any, Any, Any],
     metric: str = "pad",
     temperature: float = 1.0,
-    buffers: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
+    buffers: dict[str, Any] | None = None,
+) -> Any:
     """Scores of all query heads of one layer.
 
     Args:
-        base_qkv, task_qkv: (wq [H, hd, d], wk [KV, hd, d], wv [KV, hd, d]) of any floating dtype, on one
-            device; each chunk of kv groups is converted to float64 before any arithmetic.
+        base_qkv, task_qkv: (wq [H, hd, d], wk [KV, hd, d], wv [KV, hd, d]) of any floating dtype, all numpy
+            arrays (CPU) or all torch tensors on one device; each chunk of kv groups is converted to float64
+            before any arithmetic.
         buffers: optional dict that keeps the float64 scratch buffers between calls (one per model run).
     Returns:
-        float64 [H] on that device.
+        float64 [H], numpy or torch (on the inputs' device) like the inputs.
     """
     wq_b, wk_b, wv_b = base_qkv
     wq_t, wk_t, wv_t = task_qkv
+    ops = ops_for(wq_b)
     num_heads, head_dim, hidden = wq_b.shape
     num_kv = wk_b.shape[0]
     group = num_heads // num_kv
@@ -161,56 +225,46 @@ def score_layer(
     # Reused float64 buffers: fresh multi-MB allocations cost page faults comparable to the math itself.
     buffers = {} if buffers is None else buffers
     shape = (groups_per_chunk * group, head_dim, hidden)
-    if "base" not in buffers or buffers["base"].shape != shape or buffers["base"].device != wq_b.device:
+    kv_shape = (groups_per_chunk, head_dim, hidden)
+    if "base" not in buffers or not ops.same_buffer(buffers["base"], shape, wq_b):
+        buffers.clear()  # drop old buffers before allocating new ones
         for key in ("base", "task", "wq"):
-            buffers[key] = torch.empty(shape, dtype=torch.float64, device=wq_b.device)
+            buffers[key] = ops.empty(shape, wq_b)
+        for key in ("wk", "wv"):
+            buffers[key] = ops.empty(kv_shape, wq_b)
     out = []
     for g0 in range(0, num_kv, groups_per_chunk):
         g1 = min(num_kv, g0 + groups_per_chunk)
         rows = slice(g0 * group, g1 * group)
         n = g1 * group - g0 * group
-        logits_b = _transposed_logits(wq_b[rows], wk_b[g0:g1], wv_b[g0:g1], buffers["base"][:n], buffers["wq"][:n])
-        logits_t = _transposed_logits(wq_t[rows], wk_t[g0:g1], wv_t[g0:g1], buffers["task"][:n], buffers["wq"][:n])
+        scratch = (buffers["wq"][:n], buffers["wk"][: g1 - g0], buffers["wv"][: g1 - g0])
+        logits_b = _transposed_logits(wq_b[rows], wk_b[g0:g1], wv_b[g0:g1], buffers["base"][:n], scratch)
+        logits_t = _transposed_logits(wq_t[rows], wk_t[g0:g1], wv_t[g0:g1], buffers["task"][:n], scratch)
         out.append(_transposed_distance(logits_b, logits_t, metric, temperature))
-    return torch.cat(out)
+    return ops.concat(out)
 
 
-def _transposed_logits(
-    wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, out: torch.Tensor, wq64: torch.Tensor
-) -> torch.Tensor:
+def _transposed_logits(wq: Any, wk: Any, wv: Any, out: Any, scratch: tuple[Any, Any, Any]) -> Any:
     """Wo[h]^T = (Wk[g] @ Wv[g]^T)^T @ Wq[h] for a chunk of kv groups, into `out` [n, hd, d] (float64).
 
     The transposed product is a batch of [hd, hd] @ [hd, d] matmuls, several times faster than
     Wq[h]^T @ (Wk Wv^T) with its tall [d, hd] @ [hd, hd] shape; `_transposed_distance` accounts for
-    the layout. `wq64` is scratch space of out's shape for the float64 copy of Wq.
+    the layout. `scratch`: float64 buffers of the shapes of wq, wk and wv for their float64 copies.
     """
+    ops = ops_for(out)
     num_heads, head_dim, hidden = wq.shape
     num_kv = wk.shape[0]
     group = num_heads // num_kv
-    wq64.copy_(wq)
-    wk, wv = wk.to(torch.float64), wv.to(torch.float64)
-    kv_t = (wv @ wk.transpose(-1, -2)).unsqueeze(1).expand(num_kv, group, head_dim, head_dim)  # (Wk Wv^T)^T
-    torch.matmul(kv_t, wq64.view(num_kv, group, head_dim, hidden), out=out.view(num_kv, group, head_dim, hidden))
+    wq64, wk64, wv64 = scratch
+    for dst, src in ((wq64, wq), (wk64, wk), (wv64, wv)):
+        ops.copy_into(dst, src)
+    wk, wv = wk64, wv64
+    kv_t = ops.expand(ops.matmul(wv, ops.swap_last(wk))[:, None], (num_kv, group, head_dim, head_dim))
+    ops.matmul(kv_t, wq64.reshape(num_kv, group, head_dim, hidden), out=out.reshape(num_kv, group, head_dim, hidden))
     return out
 
 
-def _cumsum_dim1_(x: torch.Tensor) -> torch.Tensor:
-    """In-place cumsum of [n, hd, d] over dim 1 (same additions, same order, as torch.cumsum).
-
-    On CPU, torch.cumsum along a non-last dim is ~20x slower than hd row additions, and hd small
-    multi-threaded torch ops stall on a busy machine; numpy's single-threaded adds do neither.
-    """
-    if x.device.type != "cpu":
-        return x.cumsum_(dim=1)
-    a = x.numpy()
-    for j in range(1, a.shape[1]):
-        np.add(a[:, j], a[:, j - 1], out=a[:, j])
-    return x
-
-
-def _transposed_distance(
-    logits_base: torch.Tensor, logits_task: torch.Tensor, metric: str, temperature: float
-) -> torch.Tensor:
+def _transposed_distance(logits_base: Any, logits_task: Any, metric: str, temperature: float) -> Any:
     """`distribution_distance` for logits held as Wo^T, i.e. [n, hd, d] (both are overwritten).
 
     Only "pad" depends on the order of the N entries: it needs the CDF along row-major Wo [d, hd], whose
@@ -218,22 +272,25 @@ def _transposed_distance(
     row up to j, computed without transposing back:
         C[i, j] = sum_{i' < i} rowsum[i'] + colcumsum[j, i],  colcumsum = cumsum over the hd axis.
     """
+    ops = ops_for(logits_base)
     n, head_dim, hidden = logits_base.shape
     if metric != "pad":
-        return distribution_distance(logits_base.view(n, -1), logits_task.view(n, -1), metric, temperature)
+        return distribution_distance(logits_base.reshape(n, -1), logits_task.reshape(n, -1), metric, temperature)
     if temperature != 1.0:
-        logits_base.div_(temperature)
-        logits_task.div_(temperature)
-    p_base = _softmax_(logits_base.view(n, -1)).view(n, head_dim, hidden)
-    p_task = _softmax_(logits_task.view(n, -1)).view(n, head_dim, hidden)
+        logits_base /= temperature
+        logits_task /= temperature
+    p_base = _softmax_(logits_base.reshape(n, -1)).reshape(n, head_dim, hidden)
+    p_task = _softmax_(logits_task.reshape(n, -1)).reshape(n, head_dim, hidden)
     # cumsum of the difference, not the difference of two cumsums: the CDFs agree to ~1e-9 and their
     # separate rounding errors (~1e-16 * C) would otherwise swamp small scores.
-    partial = _cumsum_dim1_(p_base.sub_(p_task))  # partial[j, i] = sum_{j' <= j} D[i, j']
+    p_base -= p_task
+    partial = ops.cumsum_(p_base, axis=1)  # partial[j, i] = sum_{j' <= j} D[i, j']
     row_sums = partial[:, -1, :]
-    rows_before = torch.cumsum(row_sums, dim=-1).sub_(row_sums)  # [n, d]: sum of rows i' < i
-    cdf_gap = partial.add_(rows_before.unsqueeze(1))
-    cdf_gap[:, -1, -1] = 0.0  # the last point (i = d-1, j = hd-1) is not part of the sum
-    return torch.linalg.vector_norm(cdf_gap.view(n, -1), ord=1, dim=-1) / (head_dim * hidden - 1)
+    rows_before = ops.cumsum(row_sums)  # [n, d]
+    rows_before -= row_sums  # sum of rows i' < i
+    partial += rows_before[:, None, :]
+    partial[:, -1, -1] = 0.0  # the last point (i = d-1, j = hd-1) is not part of the sum
+    return ops.abs_sum(partial.reshape(n, -1)) / (head_dim * hidden - 1)
 
 
 def check_same_shape(base: WeightSource, task: WeightSource) -> None:
@@ -283,6 +340,55 @@ def open_pair(base: Any, task: Any, trust_remote_code: bool = False) -> tuple[We
     return src_b, src_t
 
 
+def _layer_inputs(src: WeightSource, layer: int, device: str, scratch: dict) -> tuple[Any, Any, Any]:
+    """One layer's q/k/v in the stored dtype: numpy arrays on CPU (read into `scratch`, reused for every
+    layer), torch tensors on `device` otherwise."""
+    if device == "cpu":
+        return src.layer_arrays(layer, scratch)
+    return src.layer_qkv(layer, device=device, dtype=None)
+
+
+def score_array(
+    base: Any,
+    task: Any,
+    *,
+    metric: str = "pad",
+    temperature: float = 1.0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    trust_remote_code: bool = False,
+) -> np.ndarray:
+    """`score_heads` as a numpy float64 [L, H] array; on CPU with checkpoint inputs torch is never imported."""
+    metric = validate_metric(metric)
+    temperature = validate_temperature(temperature)
+    dev = resolve_device(device)
+    src_b, src_t = open_pair(base, task, trust_remote_code)
+    layout = src_b.layout
+    scores = np.empty((layout.num_layers, layout.num_heads), dtype=np.float64)
+    layers = range(layout.num_layers)
+    if progress:
+        from tqdm import tqdm
+
+        layers = tqdm(layers, desc="Scoring heads", unit="layer")
+    buffers: dict[str, Any] = {}
+    read_buffers: dict[str, dict] = {"base": {}, "task": {}}
+    if dev == "cpu":
+        grad_off = contextlib.nullcontext()
+    else:
+        import torch
+
+        grad_off = torch.no_grad()
+    with grad_off:
+        for layer in layers:
+            # Stored dtype here; score_layer converts chunk by chunk, keeping float64 copies small.
+            base_qkv = _layer_inputs(src_b, layer, dev, read_buffers["base"])
+            task_qkv = _layer_inputs(src_t, layer, dev, read_buffers["task"])
+            row = score_layer(base_qkv, task_qkv, metric, temperature, buffers)
+            scores[layer] = row if isinstance(row, np.ndarray) else row.cpu().numpy()
+            del base_qkv, task_qkv
+    return scores
+
+
 def score_heads(
     base: Any,
     task: Any,
@@ -307,22 +413,15 @@ def score_heads(
     Raises:
         ValueError: unknown metric, bad temperature, or base/task of different architecture or shape.
     """
-    metric = validate_metric(metric)
-    temperature = validate_temperature(temperature)
-    dev = resolve_device(device)
-    src_b, src_t = open_pair(base, task, trust_remote_code)
-    layout = src_b.layout
-    scores = torch.empty(layout.num_layers, layout.num_heads, dtype=torch.float64)
-    layers = range(layout.num_layers)
-    if progress:
-        from tqdm import tqdm
+    import torch
 
-        layers = tqdm(layers, desc="Scoring heads", unit="layer")
-    buffers: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for layer in layers:
-            # Stored dtype here; score_layer converts chunk by chunk, keeping float64 copies small.
-            base_qkv = src_b.layer_qkv(layer, device=dev, dtype=None)
-            task_qkv = src_t.layer_qkv(layer, device=dev, dtype=None)
-            scores[layer] = score_layer(base_qkv, task_qkv, metric, temperature, buffers).cpu()
-    return scores
+    scores = score_array(
+        base,
+        task,
+        metric=metric,
+        temperature=temperature,
+        device=device,
+        progress=progress,
+        trust_remote_code=trust_remote_code,
+    )
+    return torch.from_numpy(scores)

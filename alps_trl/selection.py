@@ -1,6 +1,8 @@
 """`HeadSelection`: which attention heads train, as a reusable, versioned artifact; and the strategies.
 
-Layer 3 (selection half). Pure tensor/JSON code: no model loading here.
+Layer 3 (selection half). Pure array/JSON code: no model loading here. Scores are held as a numpy float64
+array; torch is imported only by the torch-facing parts (`mask()`, `kv_mask()`, the seeded random
+strategies), so loading or writing a heads file does not need it.
 """
 
 from __future__ import annotations
@@ -9,10 +11,14 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "alps_trl.head_selection"
 FORMAT_VERSION = 1
@@ -21,6 +27,11 @@ STRATEGIES = ("top_k", "random", "layer_consistent")
 
 class HeadSelectionError(ValueError):
     """A heads file is malformed, foreign, or made for another model shape."""
+
+
+def _is_torch_module(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 def validate_ratio(ratio: float) -> float:
@@ -43,21 +54,35 @@ def num_selected(ratio: float, num_layers: int, num_heads: int) -> int:
     return max(1, math.ceil(round(ratio * num_layers * num_heads, 9)))
 
 
-def select_top_k(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
+def as_score_array(scores: Any) -> np.ndarray:
+    """float64 numpy copy of scores given as a numpy array, a (CPU or device) torch tensor or nested lists."""
+    if hasattr(scores, "detach"):  # a torch tensor: no torch import needed to recognise one
+        scores = scores.detach().cpu().double().numpy()
+    return np.array(scores, dtype=np.float64)
+
+
+def _descending_order(flat: np.ndarray) -> np.ndarray:
+    """Indices of `flat` by descending value; equal values keep ascending index (a stable sort)."""
+    return np.argsort(-flat, kind="stable")
+
+
+def select_top_k(scores: np.ndarray | torch.Tensor, k: int) -> list[tuple[int, int]]:
     """The k (layer, head) pairs with the highest scores over the whole model.
 
     Args:
-        scores: float [L, H].
+        scores: float [L, H], a numpy array or a torch tensor.
     Ties break by (layer, head) ascending: a stable sort on the row-major flattening.
     """
-    flat = scores.detach().to(torch.float64).flatten().cpu()
-    order = torch.sort(-flat, stable=True).indices[:k]
-    num_heads = scores.shape[1]
+    values = as_score_array(scores)
+    order = _descending_order(values.reshape(-1))[:k]
+    num_heads = values.shape[1]
     return sorted((int(i) // num_heads, int(i) % num_heads) for i in order)
 
 
 def select_random(num_layers: int, num_heads: int, k: int, seed: int) -> list[tuple[int, int]]:
     """k heads uniformly at random over the whole model (seeded, independent of global RNG)."""
+    import torch  # torch's generator: the same seed gives the same heads as earlier versions
+
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(num_layers * num_heads, generator=gen)[:k]
     return sorted((int(i) // num_heads, int(i) % num_heads) for i in idx)
@@ -65,6 +90,8 @@ def select_random(num_layers: int, num_heads: int, k: int, seed: int) -> list[tu
 
 def select_layer_consistent(num_layers: int, num_heads: int, k: int, seed: int) -> list[tuple[int, int]]:
     """LC baseline: the same number of random heads in every layer, ceil(k / L) per layer."""
+    import torch
+
     per_layer = min(num_heads, max(1, math.ceil(round(k / num_layers, 9))))
     gen = torch.Generator().manual_seed(seed)
     heads = []
@@ -81,7 +108,8 @@ class HeadSelection:
     Attributes:
         num_layers, num_heads, num_kv_heads: the model's L, H, KV.
         heads: sorted list of (layer, query_head) pairs that train.
-        scores: float64 [L, H] localization scores, or None for score-free strategies.
+        scores: float64 [L, H] numpy array of localization scores, or None for score-free strategies (a torch
+            tensor or nested lists given here are converted).
         metric, ratio, strategy: how the selection was made.
         head_dim, hidden_size, model_type: model shape, checked by `check_compatible` when known.
         provenance: free-form strings (base/task names, seed, ...).
@@ -91,7 +119,7 @@ class HeadSelection:
     num_heads: int
     num_kv_heads: int
     heads: list[tuple[int, int]]
-    scores: torch.Tensor | None = None
+    scores: np.ndarray | None = None
     metric: str = "pad"
     ratio: float = 0.1
     strategy: str = "top_k"
@@ -112,7 +140,7 @@ class HeadSelection:
                     f"Head ({layer}, {h}) is outside a model of {self.num_layers} layers x {self.num_heads} heads."
                 )
         if self.scores is not None:
-            self.scores = torch.as_tensor(self.scores, dtype=torch.float64).cpu()
+            self.scores = as_score_array(self.scores)
             if tuple(self.scores.shape) != (self.num_layers, self.num_heads):
                 raise HeadSelectionError(
                     f"scores have shape {tuple(self.scores.shape)}, expected ({self.num_layers}, {self.num_heads})."
@@ -123,16 +151,28 @@ class HeadSelection:
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def mask(self) -> torch.Tensor:
-        """bool [L, H]: True where the query head trains."""
-        m = torch.zeros(self.num_layers, self.num_heads, dtype=torch.bool)
+    def mask_array(self) -> np.ndarray:
+        """bool numpy [L, H]: True where the query head trains."""
+        m = np.zeros((self.num_layers, self.num_heads), dtype=bool)
         for layer, h in self.heads:
             m[layer, h] = True
         return m
 
+    def kv_mask_array(self) -> np.ndarray:
+        """bool numpy [L, KV]: True where a kv group has at least one selected query head."""
+        return self.mask_array().reshape(self.num_layers, self.num_kv_heads, self.group_size).any(axis=-1)
+
+    def mask(self) -> torch.Tensor:
+        """bool torch [L, H]: True where the query head trains."""
+        import torch
+
+        return torch.from_numpy(self.mask_array())
+
     def kv_mask(self) -> torch.Tensor:
-        """bool [L, KV]: True where a kv group has at least one selected query head."""
-        return self.mask().view(self.num_layers, self.num_kv_heads, self.group_size).any(dim=-1)
+        """bool torch [L, KV]: True where a kv group has at least one selected query head."""
+        import torch
+
+        return torch.from_numpy(self.kv_mask_array())
 
     def heads_in_layer(self, layer: int) -> list[int]:
         return [h for ly, h in self.heads if ly == layer]
@@ -143,7 +183,7 @@ class HeadSelection:
         d = hidden_size or self.hidden_size
         if hd is None or d is None:
             raise ValueError("head_dim and hidden_size are unknown: pass them explicitly.")
-        rows = len(self.heads) * hd + 2 * int(self.kv_mask().sum()) * hd
+        rows = len(self.heads) * hd + 2 * int(self.kv_mask_array().sum()) * hd
         return rows * d
 
     # ---- identity -----------------------------------------------------------------------------
@@ -167,7 +207,7 @@ class HeadSelection:
 
         if isinstance(model_or_config, AttentionLayout):
             layout = model_or_config
-        elif isinstance(model_or_config, torch.nn.Module):
+        elif _is_torch_module(model_or_config):
             layout = AttentionLayout.from_model(model_or_config)
         else:
             layout = AttentionLayout.from_config(model_or_config)
@@ -232,7 +272,7 @@ class HeadSelection:
                 num_heads=int(data["num_heads"]),
                 num_kv_heads=int(data["num_kv_heads"]),
                 heads=heads,
-                scores=None if data.get("scores") is None else torch.tensor(data["scores"], dtype=torch.float64),
+                scores=data.get("scores"),
                 metric=str(data.get("metric", "pad")),
                 ratio=float(data.get("ratio", 0.1)),
                 strategy=str(data.get("strategy", "top_k")),
@@ -283,12 +323,12 @@ class HeadSelection:
         import matplotlib.pyplot as plt
         from matplotlib.patches import Rectangle
 
-        data = self.scores if self.scores is not None else self.mask().to(torch.float64)
+        data = self.scores if self.scores is not None else self.mask_array().astype(np.float64)
         label = f"{self.metric} score" if self.scores is not None else "selected"
         width = max(4.0, min(16.0, 0.35 * self.num_heads + 2))
         height = max(3.0, min(14.0, 0.3 * self.num_layers + 1.5))
         fig, ax = plt.subplots(figsize=(width, height))
-        im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
         for layer, h in self.heads:
             ax.add_patch(Rectangle((h - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
         ax.set_xlabel("head")
@@ -310,16 +350,16 @@ class HeadSelection:
         per_layer = [len(self.heads_in_layer(i)) for i in range(self.num_layers)]
         lines.append("per layer: " + " ".join(f"L{i}:{n}" for i, n in enumerate(per_layer)))
         if self.scores is not None:
-            s = self.scores
-            flat = s.flatten()
-            order = torch.sort(-flat, stable=True).indices[:top]
+            flat = self.scores.reshape(-1)
+            order = _descending_order(flat)[:top]
             tops = ", ".join(
                 f"({int(i) // self.num_heads},{int(i) % self.num_heads})={float(flat[i]):.3e}" for i in order
             )
             lines.append(f"top heads: {tops}")
+            lower_median = np.sort(flat)[(flat.size - 1) // 2]  # the lower middle value for even counts
             lines.append(
-                f"scores: min {float(s.min()):.3e}  median {float(s.median()):.3e}  "
-                f"mean {float(s.mean()):.3e}  max {float(s.max()):.3e}"
+                f"scores: min {float(flat.min()):.3e}  median {float(lower_median):.3e}  "
+                f"mean {float(flat.mean()):.3e}  max {float(flat.max()):.3e}"
             )
         return "\n".join(lines)
 

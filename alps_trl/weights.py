@@ -10,6 +10,10 @@ for:
 - ``pytorch_model.bin`` (single or sharded): only through ``torch.load(weights_only=True, mmap=True)``.
 - a hub id: resolved from the local HF cache only (``local_files_only=True``), never downloaded.
 - a model in memory (possibly wrapped by DDP/torch.compile), or a Mapping of tensors with a config.
+
+Safetensors rows are decoded with numpy (bf16 -> float32 is a 16-bit shift), so scoring a checkpoint on
+CPU never imports torch; torch is imported only for `.bin` files, in-memory models and the torch-facing
+`layer_qkv`.
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from alps_trl.anatomy import AttentionLayout, unwrap_model
+
+if TYPE_CHECKING:
+    import torch
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -30,20 +38,68 @@ BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+# safetensors dtype -> numpy dtype of the stored bytes. bf16 has no numpy dtype: it is read as uint16 and
+# widened to float32 exactly; float8 rows go through torch.
+_SAFETENSORS_NUMPY = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "F8_E4M3": np.uint8,
+    "F8_E5M2": np.uint8,
 }
+_TORCH_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+def bf16_to_float32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bfloat16 bit patterns (uint16, any shape) -> float32 of the same values (exact: the top half of a float32).
+
+    `out`: optional float32 array of bits' shape to write into.
+    """
+    wide = np.empty(bits.shape, dtype=np.uint32) if out is None else out.view(np.uint32)
+    np.left_shift(bits, 16, out=wide, dtype=np.uint32)
+    return wide.view(np.float32)
+
+
+def _scratch(scratch: dict | None, key: str, shape: list[int], dtype: Any) -> np.ndarray | None:
+    """A reusable array of `shape`/`dtype` kept in `scratch` under `key` (None without a scratch dict)."""
+    if scratch is None:
+        return None
+    buf = scratch.get(key)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != np.dtype(dtype):
+        buf = scratch[key] = np.empty(shape, dtype=dtype)
+    return buf
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    """A CPU numpy array of a torch tensor's values (float dtypes numpy lacks, e.g. bf16, widen to float32)."""
+    import torch
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype in (torch.bfloat16,) or (t.is_floating_point() and t.element_size() == 1):
+        t = t.to(torch.float32)
+    return t.numpy()
 
 
 # ---- tensor stores: names, shapes and row reads, whatever the storage -------------------------------
@@ -60,9 +116,17 @@ class _TensorStore:
         """Rows [start, stop) of tensor `name` (dim 0), in its stored dtype, as a new CPU tensor."""
         raise NotImplementedError
 
+    def array_rows(self, name: str, start: int, stop: int, scratch: dict | None = None) -> np.ndarray:
+        """Rows [start, stop) of tensor `name` as a numpy array (bf16/float8 widened to float32).
+
+        May share memory with the store (an in-memory model's parameters) or, given `scratch` (a dict the
+        caller keeps), with arrays reused by the next call with the same dict: do not modify it.
+        """
+        return _to_numpy(self.rows(name, start, stop))
+
 
 class _SafetensorsFile:
-    """One .safetensors file: header parsed once, rows read with positioned reads into a fresh buffer."""
+    """One .safetensors file: header parsed once, rows read with positioned reads into a fresh or reused buffer."""
 
     def __init__(self, path: str):
         self.path = path
@@ -84,9 +148,13 @@ class _SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def _read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) as a numpy array of the stored bytes' dtype (bf16 as uint16, float8 as uint8).
+
+        `out`: optional array of that shape and dtype to read into.
+        """
         entry = self.entries[name]
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        dtype = _SAFETENSORS_NUMPY.get(entry["dtype"])
         if dtype is None:
             raise ValueError(f"Tensor {name!r} in {self.path} has unsupported dtype {entry['dtype']}.")
         shape = list(entry["shape"])
@@ -94,24 +162,42 @@ class _SafetensorsFile:
         row_elems = 1
         for s in shape[1:]:
             row_elems *= s
-        itemsize = dtype.itemsize
-        row_bytes = row_elems * itemsize
+        row_bytes = row_elems * np.dtype(dtype).itemsize
         if not shape or end - begin != shape[0] * row_bytes:
             raise ValueError(f"Tensor {name!r} in {self.path} has inconsistent data offsets.")
         nbytes = (stop - start) * row_bytes
-        buf = bytearray(nbytes)
+        if out is None:
+            out = np.empty([stop - start, *shape[1:]], dtype=dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.data_start + begin + start * row_bytes)
-            view = memoryview(buf)
             got = 0
             while got < nbytes:
                 n = f.readinto(view[got:])
                 if not n:
                     raise ValueError(f"{self.path} is truncated: tensor {name!r} ends past the end of the file.")
                 got += n
-        if nbytes == 0:
-            return torch.empty([stop - start, *shape[1:]], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).view(stop - start, *shape[1:])
+        return out
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        import torch
+
+        raw = self._read(name, start, stop)
+        dtype = getattr(torch, _TORCH_DTYPE_NAMES[self.entries[name]["dtype"]], None)
+        if dtype is None:
+            raise ValueError(f"Tensor {name!r} in {self.path} has a dtype this torch lacks.")
+        return torch.from_numpy(raw).view(dtype)
+
+    def array_rows(self, name: str, start: int, stop: int, scratch: dict | None = None) -> np.ndarray:
+        kind = self.entries[name]["dtype"]
+        if kind.startswith("F8"):
+            return _to_numpy(self.rows(name, start, stop))
+        shape = [stop - start, *self.entries[name]["shape"][1:]]
+        # Reused buffers: fresh multi-MB arrays for every layer cost page faults comparable to the reads.
+        raw = self._read(name, start, stop, out=_scratch(scratch, "raw", shape, _SAFETENSORS_NUMPY[kind]))
+        if kind == "BF16":
+            return bf16_to_float32(raw, out=_scratch(scratch, "float32", shape, np.float32))
+        return raw
 
 
 class _SafetensorsStore(_TensorStore):
@@ -133,6 +219,9 @@ class _SafetensorsStore(_TensorStore):
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._where[name].rows(name, start, stop)
 
+    def array_rows(self, name: str, start: int, stop: int, scratch: dict | None = None) -> np.ndarray:
+        return self._where[name].array_rows(name, start, stop, scratch)
+
 
 class _TorchBinStore(_TensorStore):
     """``pytorch_model.bin`` files, opened lazily with torch.load(weights_only=True, mmap=True)."""
@@ -147,6 +236,8 @@ class _TorchBinStore(_TensorStore):
 
     def _state(self, path: str) -> Mapping[str, torch.Tensor]:
         if path not in self._loaded:
+            import torch
+
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as err:
@@ -196,6 +287,8 @@ class _MappingStore(_TensorStore):
 
 def _dense(t: Any, name: str) -> torch.Tensor:
     """A plain tensor for `t`: gathers a sharded DTensor, dequantizes bitsandbytes 4-bit/8-bit weights."""
+    import torch
+
     if hasattr(t, "full_tensor"):
         t = t.full_tensor()
     if getattr(t, "quant_state", None) is not None:
@@ -258,15 +351,19 @@ class WeightSource:
                     )
 
     def layer_qkv(
-        self, layer: int, device: torch.device | str | None = None, dtype: torch.dtype | None = torch.float64
+        self, layer: int, device: torch.device | str | None = None, dtype: torch.dtype | str | None = "float64"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-head q/k/v weights of `layer`, reading only that layer's q/k/v rows.
 
         Returns:
-            wq: [H, hd, d], wk: [KV, hd, d], wv: [KV, hd, d], in `dtype` (float64; None keeps the stored
-            dtype) on `device` (default CPU). For an in-memory model already in that dtype and device these
-            may be views of its parameters: do not modify them.
+            wq: [H, hd, d], wk: [KV, hd, d], wv: [KV, hd, d], in `dtype` (float64; a torch dtype or its name;
+            None keeps the stored dtype) on `device` (default CPU). For an in-memory model already in that
+            dtype and device these may be views of its parameters: do not modify them.
         """
+        import torch
+
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
         lay = self.layout
         lp = lay.layers[layer]
         out = []
@@ -280,6 +377,29 @@ class WeightSource:
                 rows = rows.to(device)  # move in the stored dtype: fewer bytes to copy
             if dtype is not None:
                 rows = rows.to(dtype)
+            out.append(rows.reshape(heads, lay.head_dim, lay.hidden_size))
+        return out[0], out[1], out[2]
+
+    def layer_arrays(self, layer: int, scratch: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`layer_qkv` as CPU numpy arrays, without torch for safetensors checkpoints.
+
+        Args:
+            scratch: optional dict, kept by the caller across layers, whose buffers the rows are read into;
+                the arrays returned are then overwritten by the next call with the same dict.
+        Returns:
+            wq: [H, hd, d], wk: [KV, hd, d], wv: [KV, hd, d] in the stored float dtype (bf16 and float8
+            widened to float32, exactly). Arrays of an in-memory model may share its memory: do not modify.
+        """
+        lay = self.layout
+        lp = lay.layers[layer]
+        out = []
+        for role, block, heads in (
+            ("q", lp.q_weight, lay.num_heads),
+            ("k", lp.k_weight, lay.num_kv_heads),
+            ("v", lp.v_weight, lay.num_kv_heads),
+        ):
+            role_scratch = None if scratch is None else scratch.setdefault(role, {})
+            rows = self._store.array_rows(block.name, block.offset, block.offset + block.rows, role_scratch)
             out.append(rows.reshape(heads, lay.head_dim, lay.hidden_size))
         return out[0], out[1], out[2]
 
@@ -311,7 +431,7 @@ def open_weight_source(obj: Any, *, config: Any = None, trust_remote_code: bool 
     """
     if isinstance(obj, WeightSource):
         return obj
-    if isinstance(obj, torch.nn.Module):
+    if _is_torch_module(obj):
         return _from_model(obj)
     if isinstance(obj, Mapping):
         if config is None:
@@ -334,6 +454,12 @@ def open_weight_source(obj: Any, *, config: Any = None, trust_remote_code: bool 
         f"Cannot read attention weights from a {type(obj).__name__}: pass a checkpoint directory, a hub id in the "
         "local HF cache, a loaded model, or a state-dict Mapping with config=."
     )
+
+
+def _is_torch_module(obj: Any) -> bool:
+    """isinstance(obj, torch.nn.Module), without importing torch when nothing could be one."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 def _from_model(model: torch.nn.Module) -> WeightSource:

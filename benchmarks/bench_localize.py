@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     size_mb = sum(os.path.getsize(os.path.join(d, "model.safetensors")) for d in (base_dir, task_dir)) / 2**20
     shape = ", ".join(f"{k}={v}" for k, v in dims.items())
-    threads = args.threads or "default"
+    threads = args.threads or "default (alps-localize: 1 BLAS thread unless told otherwise; naive: library defaults)"
     print(
         f"\nmodel pair: llama ({shape}); {size_mb:.0f} MB of bf16 safetensors in total; {os.cpu_count()} CPUs, "
         f"threads: {threads}, 1-min load average at start: {load_before:.1f}"

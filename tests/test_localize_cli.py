@@ -11,7 +11,8 @@ import torch
 from localize_helpers import copy_model, perturb_query_heads
 from safetensors.torch import load_file, save_file
 
-from alps_trl.cli.localize import main
+from alps_trl.cli.localize import THREAD_VARIABLES, main
+from alps_trl.scoring import cuda_impossible
 from alps_trl.selection import HeadSelection, HeadSelectionError
 from alps_trl.tiny import tiny_model
 
@@ -50,6 +51,33 @@ def test_cli_end_to_end_writes_json_and_png(ckpts, tmp_path):
     assert "Scoring heads" in proc.stderr  # tqdm progress over layers
 
 
+NO_TORCH = r"""
+import sys
+from alps_trl.cli.localize import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in ("torch", "transformers", "trl", "scipy") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("metric", ["pad", "js"])
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_cli_on_safetensors_cpu_never_imports_torch(ckpts, tmp_path, metric, device):
+    # numpy does the math on CPU: the checkpoint (sharded or not) is read and scored without torch.
+    if device is None and not cuda_impossible():
+        pytest.skip("the default device may be CUDA here: torch is rightly asked")
+    out, png = tmp_path / "heads.json", tmp_path / "heads.png"
+    argv = [str(ckpts / "base"), str(ckpts / "task"), "--ratio", "0.125", "--metric", metric, "-o", str(out)]
+    argv += ["--heatmap", str(png), "--threads", "1"] + ([] if device is None else ["--device", device])
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY=\n" in proc.stdout, proc.stdout
+    sel = HeadSelection.load(out)
+    assert sel.heads == [(0, 3), (1, 6)] and sel.metric == metric
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
 def test_cli_bad_input_is_one_clear_line_without_traceback(ckpts, tmp_path):
     cmd = [sys.executable, "-m", "alps_trl.cli.localize", str(ckpts / "base"), str(tmp_path / "nothing-here")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
@@ -75,6 +103,20 @@ def test_cli_ratio_outside_unit_interval(ratio, ckpts, tmp_path, capsys):
     )
     assert code != 0 and "ratio must be in (0, 1]" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "h.json").exists()
+
+
+def test_cli_thread_cap_is_undone_when_it_returns(ckpts, tmp_path, capsys, monkeypatch):
+    for var in THREAD_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    before = torch.get_num_threads()
+    for extra in ([], ["--threads", "1"]):
+        code, err = _run(
+            [str(ckpts / "base"), str(ckpts / "task"), "-o", str(tmp_path / "h.json"), "-q", *extra], capsys
+        )
+        assert code == 0, err
+        assert torch.get_num_threads() == before and not any(var in os.environ for var in THREAD_VARIABLES)
+    code, err = _run([str(ckpts / "base"), str(ckpts / "task"), "--threads", "0"], capsys)
+    assert code == 2 and "--threads must be >= 1" in err
 
 
 def test_cli_ratio_edge_selects_six_of_sixty(tmp_path, capsys):

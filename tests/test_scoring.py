@@ -43,17 +43,55 @@ def test_pad_equals_brute_force_on_sharp_distributions():
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-9, atol=0)
 
 
+def _layer(src, layer, backend):
+    return src.layer_arrays(layer) if backend == "numpy" else src.layer_qkv(layer)
+
+
+def _as_numpy(x):
+    return x if isinstance(x, np.ndarray) else x.numpy()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("metric", ["pad", "kl", "js", "cosine", "euclidean"])
-def test_chunked_layer_equals_reference_formulas(metric, gqa_pair, monkeypatch):
-    # Chunks of one kv group (several chunks per layer) and the direct row-major reference formulas.
+def test_chunked_layer_equals_reference_formulas(metric, backend, gqa_pair, monkeypatch):
+    # Chunks of one kv group (several chunks per layer) and the direct row-major reference formulas, with
+    # the math run by numpy (the CPU path) and by torch (the CUDA path, here on CPU tensors).
     base, task = gqa_pair
     src_b, src_t = open_weight_source(base), open_weight_source(task)
     monkeypatch.setattr(scoring, "_CHUNK_ELEMENTS", 4 * 8 * 64)
     for layer in range(2):
-        qkv_b, qkv_t = src_b.layer_qkv(layer), src_t.layer_qkv(layer)
+        qkv_b, qkv_t = _layer(src_b, layer, backend), _layer(src_t, layer, backend)
         chunked = scoring.score_layer(qkv_b, qkv_t, metric, 0.5)
-        reference = distribution_distance(head_logits(*qkv_b), head_logits(*qkv_t), metric, 0.5)
-        np.testing.assert_allclose(chunked.numpy(), reference.numpy(), rtol=1e-9, atol=1e-15)
+        b64, t64 = ([x.astype(np.float64) for x in qkv] if backend == "numpy" else qkv for qkv in (qkv_b, qkv_t))
+        reference = distribution_distance(head_logits(*b64), head_logits(*t64), metric, 0.5)
+        assert isinstance(chunked, np.ndarray) == (backend == "numpy") and chunked.dtype == reference.dtype
+        np.testing.assert_allclose(_as_numpy(chunked), _as_numpy(reference), rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("metric", ["pad", "kl", "js", "cosine", "euclidean"])
+def test_numpy_and_torch_math_agree(metric, gqa_pair):
+    base, task = gqa_pair
+    src_b, src_t = open_weight_source(base), open_weight_source(task)
+    for layer in range(2):
+        with_numpy = scoring.score_layer(src_b.layer_arrays(layer), src_t.layer_arrays(layer), metric)
+        with_torch = scoring.score_layer(
+            src_b.layer_qkv(layer, dtype=None), src_t.layer_qkv(layer, dtype=None), metric
+        )
+        np.testing.assert_allclose(with_numpy, with_torch.numpy(), rtol=1e-9, atol=1e-15)
+
+
+def test_score_array_is_score_heads_in_numpy(gqa_pair):
+    base, task = gqa_pair
+    as_array = scoring.score_array(base, task, device="cpu")
+    assert isinstance(as_array, np.ndarray) and as_array.dtype == np.float64 and as_array.shape == (2, 8)
+    as_tensor = score_heads(base, task, device="cpu")
+    assert as_tensor.dtype == torch.float64 and np.array_equal(as_tensor.numpy(), as_array)
+
+
+def test_cpu_device_is_resolved_without_torch_semantics():
+    assert scoring.resolve_device("cpu") == scoring.resolve_device(torch.device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match="Invalid device"):
+        scoring.resolve_device("no-such-device")
 
 
 @pytest.mark.parametrize("metric", ["kl", "js", "cosine", "euclidean"])
@@ -105,6 +143,13 @@ def test_distance_of_equal_distributions_is_zero():
     x = torch.randn(3, 50, dtype=torch.float64)
     for metric in ("pad", "kl", "js", "cosine", "euclidean"):
         assert torch.all(distribution_distance(x.clone(), x.clone(), metric) == 0), metric
+        assert np.all(distribution_distance(x.numpy().copy(), x.numpy().copy(), metric) == 0), metric
+
+
+def test_head_logits_numpy_equals_torch():
+    gen = torch.Generator().manual_seed(0)
+    wq, wk, wv = (torch.randn(n, 4, 6, generator=gen, dtype=torch.float64) for n in (6, 2, 2))
+    np.testing.assert_allclose(head_logits(wq.numpy(), wk.numpy(), wv.numpy()), head_logits(wq, wk, wv), rtol=1e-12)
 
 
 def test_architecture_mismatch_is_named(tiny_llama):

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,23 @@ def _selection(**kw):
     args.update(head_dim=8, hidden_size=64, model_type="llama", provenance={"base": "b", "task": "t"})
     args.update(kw)
     return HeadSelection(**args)
+
+
+def test_scores_are_held_as_numpy_float64_whatever_was_given():
+    from_torch = _selection()
+    from_numpy = _selection(scores=np.arange(16, dtype=np.float32).reshape(2, 8) / 100)
+    from_lists = _selection(scores=(torch.arange(16, dtype=torch.float64).reshape(2, 8) / 100).tolist())
+    for sel in (from_torch, from_numpy, from_lists):
+        assert isinstance(sel.scores, np.ndarray) and sel.scores.dtype == np.float64 and sel.scores.shape == (2, 8)
+    assert np.array_equal(from_torch.scores, from_lists.scores)
+    needs_grad = torch.zeros(2, 8, dtype=torch.float64, requires_grad=True)
+    assert _selection(scores=needs_grad).scores.sum() == 0
+
+
+def test_top_k_takes_numpy_and_torch_scores_alike():
+    scores = torch.tensor([[0.0, 5.0, 1.0, 1.0], [1.0, 0.0, 5.0, 0.0]], dtype=torch.float64)
+    assert select_top_k(scores, 3) == select_top_k(scores.numpy(), 3) == [(0, 1), (0, 2), (1, 2)]
+    assert select_top_k(scores.to(torch.float32), 3) == select_top_k(scores.numpy().astype(np.float32), 3)
 
 
 def test_num_selected_rounds_before_ceil():
@@ -67,7 +85,8 @@ def test_masks_and_trainable_params():
     assert sel.heads == [(0, 1), (1, 6), (1, 7)]
     mask = sel.mask()
     assert mask.dtype == torch.bool and mask.shape == (2, 8) and int(mask.sum()) == 3 and mask[1, 7]
-    assert sel.kv_mask().tolist() == [[True, False], [False, True]]
+    assert sel.kv_mask().tolist() == [[True, False], [False, True]] and sel.kv_mask().dtype == torch.bool
+    assert sel.mask_array().tolist() == mask.tolist() and sel.kv_mask_array().tolist() == sel.kv_mask().tolist()
     # 3 query heads + k and v rows of 2 kv groups, 8 rows each, 64 columns.
     assert sel.trainable_qkv_params() == (3 * 8 + 2 * 2 * 8) * 64
     assert HeadSelection(2, 8, 2, [(0, 1)]).trainable_qkv_params(head_dim=8, hidden_size=64) == 3 * 8 * 64
@@ -89,7 +108,8 @@ def test_save_load_roundtrip(tmp_path):
     sel.save(tmp_path / "sub" / "heads.json")
     again = HeadSelection.load(tmp_path / "sub" / "heads.json")
     assert again == sel and again.fingerprint() == sel.fingerprint()
-    assert torch.equal(again.scores, sel.scores) and again.scores.dtype == torch.float64
+    assert isinstance(again.scores, np.ndarray) and again.scores.dtype == np.float64
+    assert np.array_equal(again.scores, sel.scores)
     assert (again.head_dim, again.hidden_size, again.model_type) == (8, 64, "llama")
     assert again.provenance == {"base": "b", "task": "t"}
     data = json.loads((tmp_path / "sub" / "heads.json").read_text())

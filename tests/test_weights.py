@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from localize_helpers import copy_model, perturb_query_heads
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from alps_trl.anatomy import UnsupportedArchitectureError
 from alps_trl.scoring import score_heads
 from alps_trl.tiny import tiny_model
-from alps_trl.weights import WeightSource, open_weight_source
+from alps_trl.weights import WeightSource, bf16_to_float32, open_weight_source
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,34 @@ def test_bf16_checkpoint_rows_are_exact(tmp_path):
     model.save_pretrained(tmp_path)
     wq, _, _ = open_weight_source(str(tmp_path)).layer_qkv(0)
     assert torch.equal(wq.reshape(64, 64), model.model.layers[0].self_attn.q_proj.weight.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_layer_arrays_hold_the_same_values_as_layer_qkv(tmp_path, dtype):
+    # The numpy rows that CPU scoring reads (bf16 widened to float32 by a bit shift) equal the torch rows.
+    model = tiny_model("llama", seed=0).to(dtype)
+    model.save_pretrained(tmp_path)
+    src = open_weight_source(str(tmp_path))
+    numpy_dtypes = {torch.bfloat16: np.float32, torch.float16: np.float16, torch.float32: np.float32}
+    expected = numpy_dtypes.get(dtype, np.float64)
+    scratch: dict = {}
+    for layer in (0, 1):
+        arrays = src.layer_arrays(layer, scratch)
+        tensors = src.layer_qkv(layer)
+        for arr, ten in zip(arrays, tensors):
+            assert isinstance(arr, np.ndarray) and arr.shape == tuple(ten.shape)
+            assert arr.dtype == expected
+            assert np.array_equal(arr.astype(np.float64), ten.numpy())
+        in_memory = open_weight_source(model).layer_arrays(layer)
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, in_memory))
+
+
+def test_bf16_widening_is_exact_for_every_bit_pattern():
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    widened = bf16_to_float32(bits)
+    reference = torch.from_numpy(bits.astype(np.int16)).view(torch.bfloat16).to(torch.float32).numpy()
+    same = (widened == reference) | (np.isnan(widened) & np.isnan(reference))
+    assert same.all() and np.array_equal(np.signbit(widened), np.signbit(reference))
 
 
 def test_fused_qkv_rows_are_sliced_by_offset(tmp_path):

@@ -9,12 +9,15 @@ already in the local Hugging Face cache; TASK is a fine-tune of BASE for the tar
 tensors are read, one layer at a time. The resulting heads file is what `alps_heads=` / `--alps_heads`
 of the ALPS trainers and recipes take.
 
-Start-up is kept lean on purpose: no trl, trainers or transformers models are imported on this path.
+Start-up is kept lean on purpose: no trl, trainers or transformers models are imported on this path, and on
+CPU with safetensors checkpoints not even torch (numpy does the math); torch is loaded only for .bin
+checkpoints, a CUDA device and the random strategies (seeded with torch's generator).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -43,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for the math (default: torch's "
-        "choice, one per core; on a machine busy with other jobs 1 can be faster)",
+        help="CPU threads of the matrix products (default: 1, unless OMP_NUM_THREADS or OPENBLAS_NUM_THREADS "
+        "say otherwise; the products are small hd x hd by hd x d ones, on which multi-threaded BLAS gains little "
+        "and slows down many times over on a machine busy with other jobs)",
     )
     parser.add_argument("--top", type=int, default=10, help="how many top heads the summary lists")
     parser.add_argument(
@@ -67,36 +71,69 @@ def _format_summary(selection, layout, seconds: float, top: int) -> str:
         f"({layout.num_kv_heads} kv heads, head_dim {layout.head_dim}, hidden {layout.hidden_size})",
         selection.summary(top=top),
         f"trainable q/k/v weights: {trainable:,} of {total_qkv:,} ({100.0 * trainable / total_qkv:.2f}%), "
-        f"kv groups touched: {int(selection.kv_mask().sum())}/{layout.num_layers * layout.num_kv_heads}",
+        f"kv groups touched: {int(selection.kv_mask_array().sum())}/{layout.num_layers * layout.num_kv_heads}",
         f"time: {seconds:.2f} s",
     ]
     return "\n".join(lines)
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _thread_limit(threads: int | None):
+    """Cap the math libraries' threads while the command runs, then restore the caller's settings.
+
+    numpy's BLAS reads its environment when numpy is first imported (on the console-script path, after
+    this); torch is capped directly when it is already loaded. Without --threads and without any of
+    THREAD_VARIABLES set, the cap is 1.
+    """
+    if threads is None and any(var in os.environ for var in THREAD_VARIABLES):
+        yield
+        return
+    threads = 1 if threads is None else threads
+    saved_env = {var: os.environ.get(var) for var in THREAD_VARIABLES}
+    torch = sys.modules.get("torch")
+    saved_torch = torch.get_num_threads() if torch is not None else None
+    os.environ.update({var: str(threads) for var in THREAD_VARIABLES})
+    if torch is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        for var, value in saved_env.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+        if torch is not None:
+            torch.set_num_threads(saved_torch)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.threads is not None and args.threads < 1:
+        print(f"alps-localize: error: --threads must be >= 1, got {args.threads}.", file=sys.stderr)
+        return 2
+    with _thread_limit(args.threads):  # before numpy is imported
+        return _run(args, start)
 
+
+def _run(args: argparse.Namespace, start: float) -> int:
     from alps_trl.selection import HeadSelectionError, validate_ratio
 
     try:
         validate_ratio(args.ratio)
         if args.top < 0:
             raise ValueError(f"--top must be >= 0, got {args.top}.")
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}.")
     except ValueError as err:
         print(f"alps-localize: error: {err}", file=sys.stderr)
         return 2
 
     from alps_trl.localize import localize_heads
     from alps_trl.scoring import open_pair
-
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
 
     try:
         base, task = open_pair(args.base, args.task, trust_remote_code=args.trust_remote_code)
