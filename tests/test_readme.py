@@ -69,9 +69,8 @@ CHECKED = {
     ),
     "alps-merge meta-llama/Llama-3.1-8B outputs/llama-3.1-8b-general-alps-4bit/alps_delta.safetensors "
     "outputs/llama-3.1-8b-general-alps-4bit-merged": "alps_merge",
-    "alps-localize ./llama-3.2-1b ./llama-3.2-1b-math --ratio 0.1 --output heads.json --heatmap heads.png": (
-        "alps_localize"
-    ),
+    "alps-localize meta-llama/Llama-3.2-1B meta-llama/Llama-3.2-1B-Instruct --ratio 0.1 "
+    "--output heads.json --heatmap heads.png": "alps_localize",
     "alps-localize meta-llama/Llama-3.1-8B deepseek-ai/DeepSeek-R1-Distill-Llama-8B --ratio 0.1 "
     "--output outputs/llama-3.1-8b-math-heads.json --heatmap outputs/llama-3.1-8b-math-heads.png": "alps_localize",
     "lm_eval --model hf --model_args pretrained=outputs/llama-3.2-1b-general-alps,dtype=bfloat16 "
