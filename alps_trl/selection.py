@@ -325,6 +325,13 @@ class HeadSelection:
 
         data = self.scores if self.scores is not None else self.mask_array().astype(np.float64)
         label = f"{self.metric} score" if self.scores is not None else "selected"
+        peak = float(np.abs(data).max()) if data.size else 0.0
+        if self.scores is not None and peak > 0 and not 1e-2 <= peak < 1e3:
+            # Scores are often ~1e-9: scale them into the label instead of colorbar offset text, which
+            # matplotlib draws over the title.
+            exponent = int(np.floor(np.log10(peak)))
+            data = data / 10.0**exponent
+            label = f"{label} (x 1e{exponent})"
         width = max(4.0, min(16.0, 0.35 * self.num_heads + 2))
         height = max(3.0, min(14.0, 0.3 * self.num_layers + 1.5))
         fig, ax = plt.subplots(figsize=(width, height))
@@ -333,6 +340,8 @@ class HeadSelection:
             ax.add_patch(Rectangle((h - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.get_major_locator().set_params(integer=True)
         ax.set_title(
             title or f"ALPS heads: {len(self.heads)}/{self.num_layers * self.num_heads} selected ({self.strategy})"
         )
