@@ -70,7 +70,12 @@ def _table(groups: dict[str, list[Run]], reference: list[Run] | None, base_gen: 
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True).stdout
+        # The run's own outputs (written before this report) do not make the code it ran "uncommitted".
+        own_outputs = [":(exclude,top)benchmarks/RESULTS.md", ":(exclude,top)benchmarks/RESULTS.json"]
+        own_outputs.append(":(exclude,top)benchmarks/figures")
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", ":/", *own_outputs], cwd=HERE, capture_output=True, text=True
+        ).stdout
         return out.stdout.strip() + (" (working tree has uncommitted changes)" if dirty.strip() else "")
     except OSError:
         return "unknown"
