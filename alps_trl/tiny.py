@@ -26,7 +26,8 @@ CHAT_TEMPLATE = (
 
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
-_BASE_DIMS: dict[str, Any] = dict(
+# Public so that scripts building the same tiny shape (e.g. benchmarks/gpu_check.py) need not repeat it.
+TINY_DIMS: dict[str, Any] = dict(
     vocab_size=512,
     hidden_size=64,
     intermediate_size=128,
@@ -55,7 +56,7 @@ def tiny_config(arch: str = "llama", **overrides: Any):
     }
     if arch not in classes:
         raise ValueError(f"No tiny config for {arch!r}; choose one of {sorted(classes)}.")
-    dims = dict(_BASE_DIMS)
+    dims = dict(TINY_DIMS)
     if arch in ("gemma", "qwen3"):
         dims["head_dim"] = dims["hidden_size"] // dims["num_attention_heads"]
     # Token ids match `build_tokenizer`: <|pad|> = 0, <|endoftext|> = 1.

@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from alps_trl.tiny import TINY_DIMS  # noqa: E402
+
 LLAMA_1B = dict(
     vocab_size=128256,
     hidden_size=2048,
@@ -52,17 +54,7 @@ LLAMA_1B = dict(
     rope_theta=500000.0,
     tie_word_embeddings=True,
 )
-TINY = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+TINY = {**TINY_DIMS, "head_dim": 8}
 # Small enough to quantize in seconds, with 4-bit friendly shapes (out_features multiples of 64).
 SMALL_4BIT = dict(
     vocab_size=4096,

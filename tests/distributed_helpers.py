@@ -8,13 +8,13 @@ launcher is the one that starts several local ranks; `--cpu` would start indepen
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from recipe_helpers import run_env
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "accelerate_configs"
@@ -60,16 +60,9 @@ def make_tiny_base(path: Path) -> Path:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        ACCELERATE_USE_CPU="true",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        WANDB_MODE="disabled",
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-    )
+    """The recipes' offline subprocess environment, plus CPU-only ranks with one thread each."""
+    env = run_env()
+    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     env.update(extra)
     return env
 
