@@ -13,6 +13,7 @@ _EXPORTS = {
     "HeadSelection": "alps_trl.selection",
     "score_heads": "alps_trl.scoring",
     "localize_heads": "alps_trl.localize",
+    "head_importance": "alps_trl.importance",
     "AlpsArguments": "alps_trl.config",
     "AlpsSFTConfig": "alps_trl.config",
     "AlpsDPOConfig": "alps_trl.config",

@@ -21,6 +21,11 @@ from alps_trl.selection import STRATEGIES, validate_ratio
 # Fraction of the planned optimizer steps that the probe runs when `alps_probe_steps` is None: the paper's cheap
 # task model is an attention-only fine-tune on about 10% of the data.
 PROBE_FRACTION = 0.1
+# Default importance budget: the probe's (10% of the planned steps x gradient accumulation micro-batches per
+# process), capped so that a long run's pre-step stays a few minutes of forward/backward passes.
+IMPORTANCE_MAX_BATCHES = 64
+# The trainers' head scores: the weight distances of `alps_trl.scoring`, or the data-driven importance.
+TRAINER_METRICS = (*METRICS, "importance")
 
 
 @dataclass
@@ -28,7 +33,8 @@ class AlpsArguments:
     """ALPS options: how heads are localized and how the update is restricted to them.
 
     Localization precedence: a `head_selection=` trainer argument, then `alps_heads`, then
-    `alps_task_model`, then a short attention-only probe fine-tune on the training data.
+    `alps_task_model`, then (``alps_metric="importance"``) the heads' importance on training batches,
+    else a short attention-only probe fine-tune on the training data.
     """
 
     alps_ratio: float = field(
@@ -48,7 +54,12 @@ class AlpsArguments:
     )
     alps_metric: str = field(
         default="pad",
-        metadata={"help": f"Head score: one of {', '.join(METRICS)}. 'pad' (Wasserstein-1) is the paper's."},
+        metadata={
+            "help": f"Head score for alps_strategy top_k: one of {', '.join(TRAINER_METRICS)}. 'pad' (Wasserstein-1) "
+            "is the paper's; the weight distances compare the task model (or the probe's) with the base. "
+            "'importance' needs no task model: the absolute gradient of the training loss with respect to a gate "
+            "on each head's output, summed over training batches (Michel et al. 2019)."
+        },
     )
     alps_strategy: str = field(
         default="top_k",
@@ -66,8 +77,17 @@ class AlpsArguments:
         default=None,
         metadata={
             "help": "Optimizer steps of the attention-only probe fine-tune that derives a task model when neither "
-            "alps_task_model nor alps_heads is given. None: 10% of the planned training steps (at least 1). "
+            "alps_task_model nor alps_heads is given (and alps_metric is not 'importance'). None: 10% of the planned "
+            "training steps (at least 1). "
             "0 disables the probe (then a task model or heads file is required)."
+        },
+    )
+    alps_importance_batches: int | None = field(
+        default=None,
+        metadata={
+            "help": "Training batches per process that alps_metric='importance' scores on (each process a different "
+            f"share). None: 10% of the planned training steps x gradient_accumulation_steps, at least 1, at most "
+            f"{IMPORTANCE_MAX_BATCHES}."
         },
     )
     alps_mode: str = field(
@@ -103,8 +123,21 @@ class AlpsArguments:
             self.alps_ratio = validate_ratio(self.alps_ratio)
         except ValueError as err:
             raise ValueError(f"alps_ratio: {err}") from None
-        if self.alps_metric not in METRICS:
-            raise ValueError(f"alps_metric={self.alps_metric!r} is not known; choose one of {', '.join(METRICS)}.")
+        if self.alps_metric not in TRAINER_METRICS:
+            raise ValueError(
+                f"alps_metric={self.alps_metric!r} is not known; choose one of {', '.join(TRAINER_METRICS)}."
+            )
+        if self.alps_metric == "importance" and self.alps_task_model:
+            raise ValueError(
+                "alps_metric='importance' scores heads on the training data and uses no task model, but "
+                f"alps_task_model={self.alps_task_model!r} is set. Drop alps_task_model, or choose a weight distance "
+                f"({', '.join(METRICS)}) to score against the task model."
+            )
+        if self.alps_importance_batches is not None and int(self.alps_importance_batches) < 1:
+            raise ValueError(
+                "alps_importance_batches must be >= 1 (or None for the default budget), "
+                f"got {self.alps_importance_batches!r}."
+            )
         if self.alps_strategy not in STRATEGIES:
             raise ValueError(
                 f"alps_strategy={self.alps_strategy!r} is not known; choose one of {', '.join(STRATEGIES)}."
@@ -150,6 +183,21 @@ def planned_probe_steps(alps: AlpsArguments, planned_training_steps: int) -> int
     """Probe length in optimizer steps: `alps_probe_steps`, or 10% of the planned training steps (at least 1)."""
     if alps.alps_probe_steps is not None:
         return int(alps.alps_probe_steps)
+    return _tenth_of(planned_training_steps)
+
+
+def planned_importance_batches(alps: AlpsArguments, planned_training_steps: int, accumulation: int) -> int:
+    """Batches per process that importance scores: `alps_importance_batches`, or the probe's default budget.
+
+    Default: 10% of the planned optimizer steps (at least 1) x `accumulation` micro-batches, capped at
+    `IMPORTANCE_MAX_BATCHES`.
+    """
+    if alps.alps_importance_batches is not None:
+        return int(alps.alps_importance_batches)
+    return min(IMPORTANCE_MAX_BATCHES, _tenth_of(planned_training_steps) * max(1, int(accumulation)))
+
+
+def _tenth_of(planned_training_steps: int) -> int:
     import math
 
     return max(1, math.ceil(PROBE_FRACTION * max(1, int(planned_training_steps))))

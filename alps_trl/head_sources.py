@@ -1,12 +1,15 @@
 """Where a trainer's head selection comes from, and how every process ends up holding the same one.
 
 Helpers of `AlpsTrainerMixin` (layer 5): the selection saved in a checkpoint, a score-free random
-selection, the base weights a task model is scored against, the probe's length, and the
-broadcast-and-verify step across processes.
+selection, the base weights a task model is scored against, the probe's length, the heads' importance
+on the training data, and the broadcast-and-verify step across processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import math
 import os
 from typing import Any
@@ -14,10 +17,17 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
+from alps_trl import probe
 from alps_trl.anatomy import AttentionLayout, unwrap_model
 from alps_trl.config import AlpsArguments
 from alps_trl.restriction import is_quantized
-from alps_trl.selection import HeadSelection, num_selected, select_layer_consistent, select_random
+from alps_trl.selection import (
+    HeadSelection,
+    num_selected,
+    select_layer_consistent,
+    select_random,
+    selection_for_layout,
+)
 from alps_trl.summary import HEADS_FILE
 
 logger = logging.get_logger(__name__)
@@ -69,17 +79,13 @@ def random_selection(alps: AlpsArguments, layout: AttentionLayout) -> HeadSelect
     """The score-free baselines ("random", "layer_consistent"): seeded, no task model needed."""
     k = num_selected(alps.alps_ratio, layout.num_layers, layout.num_heads)
     pick = select_random if alps.alps_strategy == "random" else select_layer_consistent
-    return HeadSelection(
-        layout.num_layers,
-        layout.num_heads,
-        layout.num_kv_heads,
-        pick(layout.num_layers, layout.num_heads, k, alps.alps_seed),
+    heads = pick(layout.num_layers, layout.num_heads, k, alps.alps_seed)
+    return selection_for_layout(
+        layout,
+        heads,
+        metric="none",
         ratio=alps.alps_ratio,
         strategy=alps.alps_strategy,
-        metric="none",
-        head_dim=layout.head_dim,
-        hidden_size=layout.hidden_size,
-        model_type=layout.model_type,
         provenance={"seed": alps.alps_seed},
     )
 
@@ -117,6 +123,43 @@ def planned_training_steps(args: Any, train_dataset: Any) -> int:
     batches = math.ceil(examples / max(1, args.per_device_train_batch_size * max(1, args.world_size)))
     per_epoch = max(1, batches // max(1, args.gradient_accumulation_steps))
     return max(1, math.ceil(args.num_train_epochs * per_epoch))
+
+
+def training_data_importance(trainer: Any, batches_per_process: int) -> torch.Tensor:
+    """`head_importance` of the trainer's model on its own training batches and loss, summed over all processes.
+
+    Batch i of the seeded training order (`probe.probe_dataloader`, the same on every process) is scored by
+    process i % world_size, so each process scores `batches_per_process` different batches (and every process
+    runs the same number of `compute_loss` calls, which gather metrics across processes). The run leaves no
+    trace (`probe.traceless_pass`); a DPO reference forward sees the untouched model.
+
+    Returns:
+        float64 CPU [L, H], identical on every process.
+    """
+    from alps_trl.importance import head_importance
+
+    accelerator = trainer.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    share = list(
+        itertools.islice(itertools.cycle(probe.probe_dataloader(trainer)), rank, batches_per_process * world, world)
+    )
+    logger.info(
+        f"ALPS importance: scoring the heads on {batches_per_process} training batches per process "
+        f"({batches_per_process * world} in all)."
+    )
+    with probe.traceless_pass(trainer, reference=contextlib.nullcontext):
+        local = head_importance(
+            trainer.model,
+            share,
+            loss_fn=functools.partial(probe.training_loss, trainer),
+            device=trainer.args.device,
+            progress=probe.shows_progress(trainer),
+            train_mode=True,
+        )
+    if world <= 1:
+        return local
+    # On the accelerator's device: NCCL reduces CUDA tensors only (gloo reduces float64 CPU tensors as well).
+    return accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
 
 
 def share_selection(accelerator: Any, selection: HeadSelection | None) -> HeadSelection:

@@ -17,6 +17,7 @@ from alps_trl.selection import (
     select_layer_consistent,
     select_random,
     select_top_k,
+    selection_for_layout,
     validate_ratio,
 )
 
@@ -82,17 +83,6 @@ def localize_heads(
         provenance["temperature"] = temperature
     else:
         provenance["seed"] = int(seed)
-    return HeadSelection(
-        num_layers=layout.num_layers,
-        num_heads=layout.num_heads,
-        num_kv_heads=layout.num_kv_heads,
-        heads=heads,
-        scores=scores,
-        metric=metric,
-        ratio=ratio,
-        strategy=strategy,
-        head_dim=layout.head_dim,
-        hidden_size=layout.hidden_size,
-        model_type=layout.model_type,
-        provenance=provenance,
+    return selection_for_layout(
+        layout, heads, scores=scores, metric=metric, ratio=ratio, strategy=strategy, provenance=provenance
     )

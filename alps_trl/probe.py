@@ -6,6 +6,8 @@ that inside a trainer, before the real training starts, and leaves no trace: the
 restored bit for bit, every requires_grad flag, the train/eval mode, the RNG states and the
 trainer's metric buffers are put back, and the probe's own optimizer is discarded. (When the run
 asks for activation checkpointing, the probe switches it on already, as `Trainer.train` would next.)
+The same traceless pass (`traceless_pass`, `training_loss`) runs the importance scoring of
+``alps_metric="importance"`` (`alps_trl.head_sources.training_data_importance`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import contextlib
 import copy
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -81,6 +83,55 @@ def probe_dataloader(trainer: Any) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, **kwargs)
 
 
+@contextlib.contextmanager
+def traceless_pass(trainer: Any, reference: Callable[[], contextlib.AbstractContextManager]) -> Iterator[None]:
+    """Run a pre-training pass over the training data inside `trainer` (the probe, importance scoring).
+
+    On exit every requires_grad flag, the train/eval mode, the RNG states and the trainer's metric buffers are
+    put back and parameter gradients cleared. Inside, the model is in training mode (with activation
+    checkpointing on when the run asks for it, as `Trainer.train` would switch it on next) and a DPO reference
+    forward runs inside `reference()` (through ``trainer._alps_probe_reference``).
+    """
+    args = trainer.args
+    inner = unwrap_model(trainer.model)
+    flags = {n: p.requires_grad for n, p in inner.named_parameters()}
+    was_training = inner.training
+    metrics = copy.deepcopy(getattr(trainer, "_metrics", None))
+    tokens = getattr(trainer, "_total_train_tokens", None)
+    try:
+        with preserved_rng():
+            trainer.model.train()
+            if args.gradient_checkpointing and not getattr(inner, "is_activation_checkpointing", True):
+                # What Trainer.train() turns on right after: the pass needs the same activation memory budget.
+                inner.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs=args.gradient_checkpointing_kwargs
+                )
+            trainer._alps_probe_reference = reference
+            yield
+    finally:
+        trainer._alps_probe_reference = None
+        for n, p in inner.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        inner.train(was_training)
+        if metrics is not None:
+            trainer._metrics = metrics
+        if tokens is not None:
+            trainer._total_train_tokens = tokens
+
+
+def training_loss(trainer: Any, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The trainer's own loss of one collated batch: `compute_loss` on the prepared inputs, scalar tensor."""
+    inputs = trainer._prepare_inputs(batch)
+    with trainer.compute_loss_context_manager():
+        return trainer.compute_loss(model, inputs)
+
+
+def shows_progress(trainer: Any) -> bool:
+    """Like Trainer's own bars: on the main process only, off with disable_tqdm."""
+    return not bool(trainer.args.disable_tqdm) and trainer.is_world_process_zero()
+
+
 def run_probe(trainer: Any, steps: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Fine-tune all q/k/v weights (everything else frozen) for `steps` optimizer steps, then undo it.
 
@@ -99,14 +150,10 @@ def run_probe(trainer: Any, steps: int) -> tuple[dict[str, torch.Tensor], dict[s
     params = dict(inner.named_parameters())
     names = [n for lp in layout.layers for n in lp.qkv_tensor_names()]
     before = {n: params[n].detach().clone() for n in names}
-    flags = {n: p.requires_grad for n, p in inner.named_parameters()}
-    was_training = inner.training
-    metrics = copy.deepcopy(getattr(trainer, "_metrics", None))
-    tokens = getattr(trainer, "_total_train_tokens", None)
     accumulation = max(1, int(args.gradient_accumulation_steps))
     logger.info(f"ALPS probe: attention-only fine-tune of all q/k/v for {steps} steps to localize heads.")
     try:
-        with preserved_rng():
+        with traceless_pass(trainer, reference=lambda: swapped_in(inner, before)):
             for n, p in inner.named_parameters():
                 p.requires_grad_(n in before)
             trainable = [params[n] for n in names]
@@ -118,26 +165,11 @@ def run_probe(trainer: Any, steps: int) -> tuple[dict[str, torch.Tensor], dict[s
                 weight_decay=0.0,
             )
             batches = itertools.cycle(probe_dataloader(trainer))
-            model.train()
-            if args.gradient_checkpointing and not getattr(inner, "is_activation_checkpointing", True):
-                # What Trainer.train() turns on right after: the probe needs the same activation memory budget.
-                inner.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs=args.gradient_checkpointing_kwargs
-                )
-            trainer._alps_probe_reference = lambda: swapped_in(inner, before)
-            # Like Trainer's own bars: on the main process only, off with disable_tqdm.
-            bar = tqdm(
-                total=steps,
-                desc="ALPS probe",
-                unit="step",
-                disable=bool(args.disable_tqdm) or not trainer.is_world_process_zero(),
-            )
+            bar = tqdm(total=steps, desc="ALPS probe", unit="step", disable=not shows_progress(trainer))
             with bar:
                 for _ in range(steps):
                     for _ in range(accumulation):
-                        inputs = trainer._prepare_inputs(next(batches))
-                        with trainer.compute_loss_context_manager():
-                            loss = trainer.compute_loss(model, inputs)
+                        loss = training_loss(trainer, model, next(batches))
                         (loss / accumulation).backward()
                     if args.max_grad_norm and args.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -149,16 +181,7 @@ def run_probe(trainer: Any, steps: int) -> tuple[dict[str, torch.Tensor], dict[s
             after = {n: params[n].detach().to("cpu", copy=True) for n in names}
             del optimizer
     finally:
-        trainer._alps_probe_reference = None
         with torch.no_grad():
             for n in names:
                 params[n].data.copy_(before[n])
-        for n, p in inner.named_parameters():
-            p.requires_grad_(flags[n])
-            p.grad = None
-        inner.train(was_training)
-        if metrics is not None:
-            trainer._metrics = metrics
-        if tokens is not None:
-            trainer._total_train_tokens = tokens
     return {n: t.cpu() for n, t in before.items()}, after

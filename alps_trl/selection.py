@@ -20,6 +20,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from alps_trl.anatomy import AttentionLayout
+
 FORMAT_NAME = "alps_trl.head_selection"
 FORMAT_VERSION = 1
 STRATEGIES = ("top_k", "random", "layer_consistent")
@@ -380,3 +382,34 @@ class HeadSelection:
             f"HeadSelection({len(self.heads)} of {self.num_layers}x{self.num_heads} heads, kv={self.num_kv_heads}, "
             f"strategy={self.strategy!r}, metric={self.metric!r})"
         )
+
+
+def selection_for_layout(
+    layout: AttentionLayout,
+    heads: list[tuple[int, int]],
+    *,
+    scores: Any = None,
+    metric: str,
+    ratio: float,
+    strategy: str,
+    provenance: dict[str, Any] | None = None,
+) -> HeadSelection:
+    """A `HeadSelection` of `heads` carrying the model shape of `layout` (L, H, KV, head_dim, hidden, model_type).
+
+    Args:
+        scores: float [L, H] (numpy, torch or nested lists) or None for score-free strategies.
+    """
+    return HeadSelection(
+        num_layers=layout.num_layers,
+        num_heads=layout.num_heads,
+        num_kv_heads=layout.num_kv_heads,
+        heads=heads,
+        scores=scores,
+        metric=metric,
+        ratio=ratio,
+        strategy=strategy,
+        head_dim=layout.head_dim,
+        hidden_size=layout.hidden_size,
+        model_type=layout.model_type,
+        provenance=dict(provenance or {}),
+    )

@@ -5,9 +5,10 @@ Layer 5. Put it first in the bases (``class AlpsSFTTrainer(AlpsTrainerMixin, SFT
 1. checks the ALPS options against the model before TRL builds anything it does not have to;
 2. lets TRL build the trainer (a quantized base is accepted: ALPS adds trainable deltas to it);
 3. localizes heads once, when training starts (or when `head_selection` is first read):
-   ``head_selection=`` argument > ``alps_heads`` > ``alps_task_model`` > probe fine-tune; when
-   resuming, the selection saved in the checkpoint is reused and nothing is recomputed. The main
-   process computes, broadcasts, and every rank verifies the fingerprint;
+   ``head_selection=`` argument > ``alps_heads`` > ``alps_task_model`` > importance on training
+   batches (``alps_metric="importance"``) > probe fine-tune; when resuming, the selection saved in
+   the checkpoint is reused and nothing is recomputed. The main process computes (importance: every
+   process scores its share, the scores are summed), broadcasts, and every rank verifies the fingerprint;
 4. installs the `Restriction` on the unwrapped model, attaches it after ``accelerator.prepare``
    (``on_train_begin``), zeroes frozen gradient rows after backward and before clipping
    (`training_step`), keeps restricted q/k/v out of the optimizer's decay group
@@ -37,7 +38,8 @@ from alps_trl import probe as probe_module
 from alps_trl import summary as report
 from alps_trl.anatomy import AttentionLayout, unwrap_model
 from alps_trl.checkpoints import DELTA_FILE, MERGE_HINT_FILE  # noqa: F401 - re-exported
-from alps_trl.config import AlpsArguments, alps_arguments_of, planned_probe_steps
+from alps_trl.config import AlpsArguments, alps_arguments_of, planned_importance_batches, planned_probe_steps
+from alps_trl.gguf import strip_gguf_quantizer
 from alps_trl.restriction import build_restriction, is_quantized, resolve_mode
 from alps_trl.restriction.delta import merge_state_dict
 from alps_trl.selection import HeadSelection
@@ -82,6 +84,9 @@ class AlpsTrainerMixin:
         targs = bound.get("args")
         alps = alps_arguments_of(targs) if targs is not None else AlpsArguments()
         model = bound.get("model")
+        if isinstance(model, torch.nn.Module) and strip_gguf_quantizer(model):
+            # Loaded with gguf_file=: its weights are dequantized nn.Linear weights, a full-precision model.
+            logger.info("ALPS: the model was loaded from a GGUF file; it trains as the full-precision model it is.")
         refuse_before_init(model, targs, bound.get("peft_config"), alps)
         if isinstance(model, torch.nn.Module) and is_quantized(model):
             # TRL casts every trainable parameter of a quantized model to bf16 (meant for LoRA weights). Nothing of
@@ -254,8 +259,18 @@ class AlpsTrainerMixin:
 
             task = open_weight_source(alps.alps_task_model, trust_remote_code=alps.alps_trust_remote_code)
             check_same_shape(sources.base_weight_source(self.model, alps.alps_trust_remote_code), task)
+        elif alps.alps_strategy == "top_k" and alps.alps_metric == "importance":
+            self._alps_check_importance_possible()
         elif alps.alps_strategy == "top_k":
             self._alps_check_probe_possible(model)
+
+    def _alps_check_importance_possible(self) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "alps_metric='importance' runs the whole unsharded model on every process before training, which "
+                "FSDP/DeepSpeed do not keep. Localize first in a single-process or DDP run (e.g. the recipe with "
+                "--alps_metric importance --localize_only true) and pass alps_heads."
+            )
 
     def _alps_check_probe_possible(self, model: torch.nn.Module) -> None:
         alps = self._alps
@@ -263,12 +278,14 @@ class AlpsTrainerMixin:
             raise ValueError(
                 "ALPS has nothing to localize heads from: no head_selection, no alps_heads, no alps_task_model and "
                 "alps_probe_steps=0. Pass alps_task_model (a fine-tune of the same base), alps_heads (a saved "
-                "selection), or let the probe run (alps_probe_steps=None or > 0)."
+                "selection), alps_metric='importance' (scores heads on the training data), or let the probe run "
+                "(alps_probe_steps=None or > 0)."
             )
         if is_quantized(model):
             raise ValueError(
                 "The ALPS probe fine-tunes all q/k/v weights, which a quantized base cannot do. Pass alps_heads (e.g. "
-                "made with `alps-localize` or a probe run on the full-precision model) or alps_task_model."
+                "made with `alps-localize` or a probe run on the full-precision model), alps_task_model, or "
+                "alps_metric='importance' (trains no base weight)."
             )
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError(
@@ -387,6 +404,8 @@ class AlpsTrainerMixin:
                 return None
             task = open_weight_source(alps.alps_task_model, trust_remote_code=alps.alps_trust_remote_code)
             return localize_heads(sources.base_weight_source(self.model, alps.alps_trust_remote_code), task, **options)
+        if alps.alps_metric == "importance":
+            return self._alps_importance_selection()
         self._alps_source = "probe"
         steps = planned_probe_steps(alps, sources.planned_training_steps(self.args, self.train_dataset))
         # Every rank runs the probe (compute_loss gathers metrics across ranks); only the main process scores.
@@ -399,6 +418,28 @@ class AlpsTrainerMixin:
         )
         selection.provenance.update({"task": f"probe ({steps} attention-only steps on the training data)"})
         return selection
+
+    def _alps_importance_selection(self) -> HeadSelection:
+        """Top K by importance on the training data; every process computes the same (reduced) selection."""
+        from alps_trl.importance import importance_selection
+
+        alps, world = self._alps, self.accelerator.num_processes
+        self._alps_source = "importance"
+        planned = sources.planned_training_steps(self.args, self.train_dataset)
+        per_process = planned_importance_batches(alps, planned, self.args.gradient_accumulation_steps)
+        scores = sources.training_data_importance(self, per_process)
+        inner = unwrap_model(self.model)
+        return importance_selection(
+            scores,
+            self._alps_layout,
+            alps.alps_ratio,
+            num_batches=per_process * world,
+            provenance={
+                "base": getattr(inner, "name_or_path", "") or type(inner).__name__,
+                "batches_per_process": per_process,
+                "processes": world,
+            },
+        )
 
     def _alps_write_selection(self, directory: str) -> None:
         if os.path.abspath(directory) != os.path.abspath(self.args.output_dir) and os.path.isfile(

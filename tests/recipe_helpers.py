@@ -38,7 +38,7 @@ def parse_script_args(script: str, args: list[str]):
     if not _has_cuda() and "--use_cpu" not in args:
         # The paper recipes ask for bf16, which transformers refuses on a CPU-only machine unless use_cpu is set.
         args += ["--use_cpu", "true"]
-    return parse_recipe_args(module.make_parser(), SCRIPTS[script], args)
+    return parse_recipe_args(module.make_parser(), SCRIPTS[script], args, str(module.DEMO_DIR))
 
 
 def _has_cuda() -> bool:

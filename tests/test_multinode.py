@@ -1,8 +1,8 @@
 """Two "machines" on loopback, each started with the repo's launch/launch_node.sh (one process per machine).
 
-The nodes rendezvous through a fresh port, run the real SFT recipe (its offline demo: a small Llama whose heads
-come from a short probe run, scored on the main process and broadcast to the other node), and save one standard
-checkpoint.
+The nodes rendezvous through a fresh port, run the real SFT recipe on the toy model (recipes/demo/toy_sft.yaml: a
+small random Llama whose heads come from a short probe run, scored on the main process and broadcast to the other
+node), and save one standard checkpoint.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def test_two_nodes_on_loopback_rendezvous_train_and_save_once(tmp_path):
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
             GPUS_PER_NODE="1",
+            RECIPE_CONFIG=str(REPO / "recipes" / "demo" / "toy_sft.yaml"),
             ALPS_USE_CPU="1",
             ACCELERATE_CMD=shlex.join(ACCELERATE_CLI),
         )

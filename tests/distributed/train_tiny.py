@@ -48,7 +48,11 @@ SCENARIOS = {
     "dpo-delta-memory-copyref": ("dpo", "delta", True),
     # A bf16 base: the deltas must take the dtype of the trainable bf16 MLP weights beside them under FSDP2.
     "sft-delta-bf16": ("sft", "delta", True),
+    # No selection given: alps_metric="importance" localizes on each rank's share of the training batches.
+    "sft-importance": ("sft", "mask", True),
+    "dpo-importance": ("dpo", "mask", False),
 }
+IMPORTANCE_BATCHES = 2  # per rank
 HEADS = [(0, 1), (1, 6)]
 RESUME_FROM = 2  # the resume scenario saves every RESUME_FROM steps and resumes from checkpoint-RESUME_FROM
 OTHER_HEADS = [(0, 2), (1, 6)]
@@ -85,7 +89,9 @@ def dataset_for(base: str, kind: str, in_memory: bool = False):
     return Dataset.from_dict(dataset.to_dict()) if in_memory else dataset
 
 
-def make_config(kind: str, mode: str, non_attention: bool, out: str, steps: int, strategy: str | None, save: bool):
+def make_config(
+    kind: str, mode: str, non_attention: bool, out: str, steps: int, strategy: str | None, save: bool, **alps
+):
     from alps_trl.config import AlpsDPOConfig, AlpsSFTConfig
 
     common = dict(
@@ -112,6 +118,7 @@ def make_config(kind: str, mode: str, non_attention: bool, out: str, steps: int,
         alps_train_non_attention=non_attention,
         alps_strategy=strategy or "top_k",
         alps_seed=123,
+        **alps,
     )
     if kind == "sft":
         return AlpsSFTConfig(max_length=48, **common)
@@ -203,6 +210,30 @@ def check_rows(base: dict, final: dict, rows: dict[str, list[int]]) -> dict:
     return report
 
 
+def record_importance(scored: dict[str, list]) -> None:
+    """Wrap `head_importance` so this rank's report holds its own (pre-reduction) scores and a digest per batch."""
+    import hashlib
+
+    import alps_trl.importance as importance
+
+    # The unwrapped function: a launch with several importance scenarios records each into its own report only.
+    original = getattr(importance.head_importance, "unwrapped", importance.head_importance)
+
+    def recording(model, batches, **kwargs):
+        batches = list(batches)
+        for batch in batches:
+            h = hashlib.sha256()
+            for key in sorted(k for k, v in batch.items() if torch.is_tensor(v)):
+                h.update(key.encode() + batch[key].contiguous().view(torch.uint8).numpy().tobytes())
+            scored["batch_digests"].append(h.hexdigest())
+        local = original(model, batches, **kwargs)
+        scored["local_scores"].append(local.tolist())
+        return local
+
+    recording.unwrapped = original
+    importance.head_importance = recording
+
+
 def run_scenario(name: str, args: argparse.Namespace) -> None:
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -219,7 +250,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.base)
 
     def build_trainer(steps: int, heads, strategy, save: bool):
-        config = make_config(kind, mode, non_attention, out, steps, strategy, save)
+        config = make_config(kind, mode, non_attention, out, steps, strategy, save, **importance_options)
         if args.fsdp:
             mark_fsdp_switch()
         if args.deepspeed:
@@ -246,6 +277,13 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
 
     rank = int(os.environ.get("RANK", "0"))
     heads = OTHER_HEADS if (args.mismatch and rank == 1) else HEADS
+    importance = name.endswith("-importance")
+    importance_options = {}
+    scored: dict[str, list] = {"local_scores": [], "batch_digests": []}
+    if importance:
+        heads = None
+        importance_options = dict(alps_metric="importance", alps_importance_batches=IMPORTANCE_BATCHES)
+        record_importance(scored)
     four_bit = name.endswith("-4bit")
     dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
     base = full_tensors(load_base(args.base, four_bit, dtype))
@@ -307,6 +345,10 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
         "shapes": {k: list(v.shape) for k, v in merged.items() if k in rows},
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "delta_dtypes": sorted({str(v.dtype) for k, v in final.items() if ".alps_delta." in k}),
+        "metric": trainer.head_selection.metric,
+        "scores": None if trainer.head_selection.scores is None else trainer.head_selection.scores.tolist(),
+        "provenance": trainer.head_selection.provenance,
+        **scored,
     }
     report["all_digests"] = gather_object([report["digest"]])
     if args.save:

@@ -1,0 +1,113 @@
+"""The body of the recipe scripts (`recipes/sft_alps.py`, `recipes/dpo_alps.py`): one `main` for both.
+
+Layer 6 (entry points). The scripts keep TRL's shape (parse with `TrlParser`, call `main(script_args,
+training_args, model_args)`); what differs between SFT and DPO is the trainer class and the data kind.
+A run: load data (errors before any model is built) -> load the model (a GGUF file is converted once) ->
+build the ALPS trainer (localizes heads) -> evaluate (loss, and greedy exact match on held-out prompts)
+-> train -> evaluate again -> save -> print the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from transformers.utils import logging
+
+from alps_trl import recipe_utils as ru
+
+logger = logging.get_logger(__name__)
+
+# recipe kind -> (trainer class name in alps_trl, dataset kind of alps_trl.data.format_dataset)
+KINDS = {"sft": ("AlpsSFTTrainer", "sft"), "dpo": ("AlpsDPOTrainer", "preference")}
+
+
+def main(kind: str, script_args: Any, training_args: Any, model_args: Any) -> Any:
+    """Run one recipe of `kind` ("sft" or "dpo"); returns the trainer."""
+    import transformers
+    from packaging.version import Version
+
+    import alps_trl
+
+    trainer_name, data_kind = KINDS[kind]
+    start = time.perf_counter()
+    ru.check_no_peft(model_args)
+    model_name = model_args.model_name_or_path
+    want_eval = not script_args.localize_only and (
+        training_args.eval_strategy != "no" or script_args.eval_before_and_after or script_args.eval_generations > 0
+    )
+    train_dataset, eval_dataset = ru.prepare_datasets(script_args, data_kind, want_eval)
+    model, tokenizer = ru.load_model_and_tokenizer(script_args, training_args, model_args)
+
+    trainer = getattr(alps_trl, trainer_name)(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    say = trainer.accelerator.print
+    # Reading head_selection localizes now (probe, task model or heads file) instead of at the start of train().
+    say(ru.selection_line(trainer.head_selection))
+    if script_args.localize_only:
+        for line in ru.output_lines(training_args.output_dir)[1:]:
+            say(line)
+        return trainer
+
+    before = ru.evaluate_before_training(trainer) if script_args.eval_before_and_after else None
+    generations_before = generation_eval(trainer, script_args, eval_dataset, "before training")
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    after = trainer.evaluate() if script_args.eval_before_and_after else None
+    generations_after = generation_eval(trainer, script_args, eval_dataset, "after training")
+    trainer.save_model(training_args.output_dir)
+
+    lines = ru.summary_lines(trainer, before, after, time.perf_counter() - start, model_name=model_name)
+    if generations_after is not None:
+        from alps_trl.generation_eval import comparison_lines
+
+        at = lines.index(next(x for x in lines if x.startswith("Model: ")))
+        lines[at:at] = comparison_lines(generations_before, generations_after, script_args.eval_examples)
+    for line in lines:
+        say(line)
+
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        trainer.end()
+    return trainer
+
+
+def generation_eval(trainer: Any, script_args: Any, eval_dataset: Any, when: str):
+    """Greedy exact match on the first `eval_generations` test prompts (main process), or None where skipped.
+
+    Skipped with a warning where a forward outside training would break it (see
+    `recipe_utils.generation_blocker`); other processes skip it and wait at the next collective.
+    """
+    if script_args.eval_generations <= 0 or eval_dataset is None:
+        return None
+    blocker = ru.generation_blocker(trainer, before_training=when == "before training")
+    if blocker:
+        logger.warning(f"Skipping the generation evaluation {when}: {blocker}.")
+        return None
+    if not trainer.accelerator.is_main_process:
+        return None
+    from alps_trl.generation_eval import generate_answers, prompts_and_references
+
+    prompts, references = prompts_and_references(eval_dataset, script_args.eval_generations)
+    return generate_answers(
+        trainer.model,
+        trainer.processing_class,
+        prompts,
+        references,
+        max_new_tokens=script_args.eval_max_new_tokens,
+        batch_size=max(1, trainer.args.per_device_eval_batch_size),
+        desc=f"Exact match {when}",
+        disable_progress=bool(trainer.args.disable_tqdm),
+    )
+
+
+def script_entry(kind: str, make_parser, argv: list[str], demo_dir: str | os.PathLike) -> Any:
+    """`if __name__ == "__main__":` of a recipe script: parse (demo defaults when no model is named) and run."""
+    script_args, training_args, model_args = ru.parse_recipe_args(make_parser(), kind, argv, str(demo_dir))
+    return main(kind, script_args, training_args, model_args)
