@@ -44,8 +44,8 @@ class AlpsArguments:
     alps_task_model: str | None = field(
         default=None,
         metadata={
-            "help": "A model of the same architecture already tuned for the task (local dir, .gguf file or cached hub id). Its "
-            "q/k/v weights are compared with the checkpoint the trained model was loaded from to score heads."
+            "help": "A model of the same architecture already tuned for the task (local dir, .gguf file or cached hub "
+            "id). Its q/k/v weights are compared with the checkpoint the trained model was loaded from to score heads."
         },
     )
     alps_heads: str | None = field(

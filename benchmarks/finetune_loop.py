@@ -10,6 +10,7 @@ Methods:
 
 - ``full``: every parameter trains.
 - ``wo_attn``: all q/k/v weights frozen, everything else trains (the paper's "w/o attn").
+- ``qkv``: only the q/k/v weights train, every head (how the benchmarks make a fine-tuned copy to localize on).
 - ``heads``: an ALPS-style restriction from a `HeadSelection` (any strategy) in mask or delta mode.
 - ``lora``: PEFT LoRA on q_proj/k_proj/v_proj, everything else frozen.
 """
@@ -30,7 +31,7 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 @dataclass
 class Method:
-    """What trains. `kind` is "full" | "wo_attn" | "heads" | "lora"."""
+    """What trains. `kind` is "full" | "wo_attn" | "qkv" | "heads" | "lora"."""
 
     name: str
     kind: str
@@ -50,6 +51,15 @@ class Prepared:
     exempt: set[str] = field(default_factory=set)
 
 
+class LMBatch:
+    """A causal-LM batch in which every token is labelled: input_ids = labels, long [B, T]; attention all ones."""
+
+    def __init__(self, input_ids: torch.Tensor) -> None:
+        self.input_ids = input_ids
+        self.labels = input_ids
+        self.attention_mask = torch.ones_like(input_ids)
+
+
 def _is_qkv(name: str) -> bool:
     return any(f".{p}." in name for p in QKV)
 
@@ -60,9 +70,9 @@ def prepare(model: torch.nn.Module, method: Method) -> Prepared:
         p.requires_grad_(True)
     if method.kind == "full":
         return Prepared(model)
-    if method.kind == "wo_attn":
+    if method.kind in ("wo_attn", "qkv"):
         for name, p in model.named_parameters():
-            if _is_qkv(name):
+            if _is_qkv(name) == (method.kind == "wo_attn"):
                 p.requires_grad_(False)
         return Prepared(model)
     if method.kind == "heads":
@@ -81,7 +91,7 @@ def prepare(model: torch.nn.Module, method: Method) -> Prepared:
             r=method.lora_rank, lora_alpha=2 * method.lora_rank, lora_dropout=0.0, target_modules=list(QKV)
         )
         return Prepared(get_peft_model(model, config))
-    raise ValueError(f"Unknown method kind {method.kind!r}; use full, wo_attn, heads or lora.")
+    raise ValueError(f"Unknown method kind {method.kind!r}; use full, wo_attn, qkv, heads or lora.")
 
 
 def make_optimizer(prep: Prepared, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -111,19 +121,33 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float = 0.1, floor: 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def loss_of(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (answer) tokens of `batch`."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-    return out.loss
+def loss_of(model: torch.nn.Module, batch: Any, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer) tokens of `batch`.
+
+    With `autocast_dtype` (e.g. torch.bfloat16) the forward pass runs under torch.autocast on the batch's device;
+    the loss it returns is float32 either way. A batch may carry `forward_kwargs` (a dict) for the model call, e.g.
+    ``logits_to_keep`` with labels of the kept positions only (`real_tasks.ChatBatch`).
+    """
+    device_type = batch.input_ids.device.type
+    extra = getattr(batch, "forward_kwargs", None) or {}
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, **extra)
+    return out.loss.float()
 
 
 def train_step(
-    prep: Prepared, optimizer: torch.optim.Optimizer, batch: Any, lr: float, weight_decay: float, clip: float = 1.0
+    prep: Prepared,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    lr: float,
+    weight_decay: float,
+    clip: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> float:
-    """One optimizer step in the trainer's order; returns the loss."""
+    """One optimizer step in the trainer's order (forward under `autocast_dtype` when given); returns the loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = loss_of(prep.model, batch)
+    loss = loss_of(prep.model, batch, autocast_dtype)
     loss.backward()
     if prep.restriction is not None:
         prep.restriction.mask_gradients(prep.model)
@@ -136,13 +160,21 @@ def train_step(
     return float(loss.detach())
 
 
-def train(prep: Prepared, batches: Iterable[Any], lr: float, weight_decay: float = 0.1, clip: float = 1.0) -> list:
+def train(
+    prep: Prepared,
+    batches: Iterable[Any],
+    lr: float,
+    weight_decay: float = 0.1,
+    clip: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+) -> list:
     """Run the paper's schedule (warmup 10%, cosine to 10%) over `batches`; returns the per-step losses."""
     batches = list(batches)
     optimizer = make_optimizer(prep, lr, weight_decay)
     prep.model.train()
     return [
-        train_step(prep, optimizer, b, lr_at(i, len(batches), lr), weight_decay, clip) for i, b in enumerate(batches)
+        train_step(prep, optimizer, b, lr_at(i, len(batches), lr), weight_decay, clip, autocast_dtype)
+        for i, b in enumerate(batches)
     ]
 
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import subprocess
 import time
 from typing import Any
 
 import synthetic_tasks as data
 import torch
 from bench_train import BENCH_END, BENCH_START
+from run_info import git_commit, kept_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INTERPRETATION_START = "<!-- interpretation:start -->"
 INTERPRETATION_END = "<!-- interpretation:end -->"
+# The run's own outputs (written before this report) do not make the code it ran "uncommitted".
+OWN_OUTPUTS = ("benchmarks/RESULTS.md", "benchmarks/RESULTS.json", "benchmarks/figures")
 Run = Any  # reproduce_paper.Run
 Experiment = Any  # reproduce_paper.Experiment
 
@@ -65,20 +67,6 @@ def _table(groups: dict[str, list[Run]], reference: list[Run] | None, base_gen: 
             f"{_ms([r.gen_loss for r in rs], pct=False)} | {rs[0].lr:.0e} |"
         )
     return lines
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        # The run's own outputs (written before this report) do not make the code it ran "uncommitted".
-        own_outputs = [":(exclude,top)benchmarks/RESULTS.md", ":(exclude,top)benchmarks/RESULTS.json"]
-        own_outputs.append(":(exclude,top)benchmarks/figures")
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", ":/", *own_outputs], cwd=HERE, capture_output=True, text=True
-        ).stdout
-        return out.stdout.strip() + (" (working tree has uncommitted changes)" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def figures(exp: Experiment, out_dir: str) -> list[str]:
@@ -136,7 +124,7 @@ def write_report(exp: Experiment, path: str, command: str, runtime: float, figur
         + "("
         + ", ".join(f"{k}: {v / 60:.1f} min" for k, v in exp.timings.items())
         + ")",
-        f"- Git commit: {_git_commit()}",
+        f"- Git commit: {git_commit(OWN_OUTPUTS)}",
         f"- Date (UTC): {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}",
         "",
         "## Setup",
@@ -261,20 +249,10 @@ def write_report(exp: Experiment, path: str, command: str, runtime: float, figur
         lines.append(f"![{os.path.basename(p)}]({rel})")
     lines += ["", "## Selection (ALPS 10%, PAD)", "", "```", exp.sel["alps"].summary(), "```", ""]
     default = "(No interpretation written for this run yet: read the tables above.)"
-    interpretation = _kept_section(path, INTERPRETATION_START, INTERPRETATION_END) or default
+    interpretation = kept_section(path, INTERPRETATION_START, INTERPRETATION_END) or default
     lines += ["## Interpretation", "", INTERPRETATION_START, interpretation, INTERPRETATION_END, ""]
-    bench = _kept_section(path, BENCH_START, BENCH_END)
+    bench = kept_section(path, BENCH_START, BENCH_END)
     if bench:
         lines += ["## Training cost (bench_train.py)", "", BENCH_START, bench, BENCH_END, ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
-
-
-def _kept_section(path: str, start: str, end: str) -> str:
-    """Text between the markers in an existing report (hand-written interpretation, bench_train's table), or ''."""
-    if not os.path.isfile(path):
-        return ""
-    text = open(path).read()
-    if start in text and end in text:
-        return text.split(start, 1)[1].split(end, 1)[0].strip()
-    return ""

@@ -33,10 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import finetune_loop as loop  # noqa: E402
 import paper_report as report  # noqa: E402
+import selection_controls as controls  # noqa: E402
 import synthetic_tasks as data  # noqa: E402
 
 from alps_trl.localize import localize_heads  # noqa: E402
-from alps_trl.selection import HeadSelection, select_top_k  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -225,57 +225,6 @@ def make_task_model(base_state, scale, tok, pairs: list, seed: int) -> torch.nn.
     return model
 
 
-# ---- selections ---------------------------------------------------------------------------------------------------
-
-
-def _selection(template: HeadSelection, heads, strategy: str, **provenance) -> HeadSelection:
-    return HeadSelection(
-        num_layers=template.num_layers,
-        num_heads=template.num_heads,
-        num_kv_heads=template.num_kv_heads,
-        heads=heads,
-        metric=template.metric,
-        ratio=template.ratio,
-        strategy=strategy,
-        head_dim=template.head_dim,
-        hidden_size=template.hidden_size,
-        model_type=template.model_type,
-        provenance=dict(provenance),
-    )
-
-
-def bottom_k(alps: HeadSelection) -> HeadSelection:
-    """Control: the lowest-scoring K heads (K as in `alps`)."""
-    heads = select_top_k(-alps.scores, len(alps.heads))
-    return _selection(alps, heads, "top_k", control="lowest-scoring heads")
-
-
-def random_same_footprint(alps: HeadSelection, seed: int) -> HeadSelection:
-    """Control: random heads with the same number of heads and of kv groups as `alps` (same trainable count).
-
-    Draws as many random kv groups as `alps` touches, then spreads the same number of query heads over them at
-    random, every drawn group getting at least one.
-    """
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    size = alps.group_size
-    n_groups = int(alps.kv_mask().sum())
-    groups = torch.randperm(alps.num_layers * alps.num_kv_heads, generator=gen)[:n_groups].tolist()
-    heads = []
-    for flat in groups:
-        layer, g = divmod(flat, alps.num_kv_heads)
-        first = int(torch.randint(size, (1,), generator=gen))
-        heads.append((layer, g * size + first))
-    spare = [
-        (flat // alps.num_kv_heads, (flat % alps.num_kv_heads) * size + j)
-        for flat in groups
-        for j in range(size)
-        if (flat // alps.num_kv_heads, (flat % alps.num_kv_heads) * size + j) not in heads
-    ]
-    order = torch.randperm(len(spare), generator=gen).tolist()
-    heads += [spare[i] for i in order[: len(alps.heads) - len(heads)]]
-    return _selection(alps, heads, "random", control="random, same kv-group footprint", seed=seed)
-
-
 # ---- the experiment -----------------------------------------------------------------------------------------------
 
 
@@ -367,7 +316,7 @@ class Experiment:
         for m in s.metrics:
             self.sel[f"metric_{m}"] = localize_heads(base, tm, ratio=0.1, metric=m)
         self.sel["alps_from_b"] = localize_heads(base, self.task_models["add_b"], ratio=0.1, metric="pad")
-        self.sel["bottom"] = bottom_k(self.sel["alps"])
+        self.sel["bottom"] = controls.lowest_k(self.sel["alps"])
         self.log(self.sel["alps"].summary())
 
     def methods(self, seed: int) -> dict[str, tuple[loop.Method, str]]:
@@ -387,7 +336,9 @@ class Experiment:
             "LC 10%": h("LC 10%", lc),
             lora: (loop.Method(lora, "lora", lora_rank=self.scale.lora_rank), "lora"),
             "ALPS 10%": h("ALPS 10%", self.sel["alps"]),
-            "Random, ALPS footprint": h("Random, ALPS footprint", random_same_footprint(self.sel["alps"], seed)),
+            "Random, ALPS footprint": h(
+                "Random, ALPS footprint", controls.random_same_footprint(self.sel["alps"], seed)
+            ),
             "Lowest-scoring 10%": h("Lowest-scoring 10%", self.sel["bottom"]),
             **{
                 f"ALPS {round(r * 100)}%": h(f"ALPS {round(r * 100)}%", self.sel[f"alps_{round(r * 100)}"])

@@ -217,18 +217,23 @@ def collate(tok: CharTokenizer, pairs: Sequence[tuple[str, str]]) -> Batch:
     return Batch(ids, lab, mask)
 
 
-def batches(
-    tok: CharTokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, steps: int, seed: int
-) -> list[Batch]:
-    """`steps` training batches drawn by shuffled epochs over `pairs` (deterministic in `seed`)."""
+def batch_indices(num_items: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` lists of `batch_size` item indices, drawn by shuffled epochs over range(num_items) (seeded)."""
     rng = random.Random(seed)
     order: list[int] = []
     out = []
     for _ in range(steps):
         if len(order) < batch_size:
-            fresh = list(range(len(pairs)))
+            fresh = list(range(num_items))
             rng.shuffle(fresh)
             order.extend(fresh)
         take, order = order[:batch_size], order[batch_size:]
-        out.append(collate(tok, [pairs[i] for i in take]))
+        out.append(take)
     return out
+
+
+def batches(
+    tok: CharTokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, steps: int, seed: int
+) -> list[Batch]:
+    """`steps` training batches drawn by shuffled epochs over `pairs` (deterministic in `seed`)."""
+    return [collate(tok, [pairs[i] for i in take]) for take in batch_indices(len(pairs), batch_size, steps, seed)]

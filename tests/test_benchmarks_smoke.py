@@ -65,6 +65,46 @@ def test_bench_train_quick_reports_every_method(tmp_path):
     assert "kept text" in text and "<!-- bench_train:start -->" in text and "| ALPS mask 10% |" in text
 
 
+def _bench_files() -> dict[Path, int]:
+    """Non-source files under benchmarks/ and their mtimes: a benchmark run must not write there unless told to."""
+    return {
+        f: f.stat().st_mtime_ns
+        for f in BENCH.rglob("*")
+        if f.is_file() and f.suffix != ".py" and "__pycache__" not in f.parts
+    }
+
+
+@pytest.mark.slow
+def test_bench_localize_smollm2_quick_agrees_with_naive(tmp_path, smollm2_gguf):
+    """Real model, briefly fine-tuned copy: alps-localize (directory and GGUF base) picks the naive path's heads."""
+    before = _bench_files()
+    out = _run(
+        [str(BENCH / "bench_localize.py"), "--model", "smollm2", "--quick", "--workdir", str(tmp_path)], timeout=420
+    )
+    assert "alps-localize, BASE = .gguf top-10% == alps-localize top-10%: True (27 heads)" in out
+    assert "naive (HF load + scipy)" in out
+    assert out.count("top-10% sets identical: True (27/27 in common)") == 2, out
+    assert (tmp_path / "smollm2-quick" / "task" / "model.safetensors").is_file()
+    assert _bench_files() == before
+
+
+@pytest.mark.slow
+def test_bench_train_smollm2_quick_reports_every_method_and_its_peak_rss(smollm2_gguf):
+    before = _bench_files()
+    out = _run([str(BENCH / "bench_train.py"), "--model", "smollm2", "--quick"], timeout=420)
+    assert "Model: SmolLM2-135M-Instruct" in out and "Per-process peak RSS MB |" in out
+    rows = {line.split(" | ")[0].lstrip("| "): line.strip(" |").split(" | ") for line in out.splitlines()}
+    names = ("Full", "ALPS mask 10%", "ALPS delta 10%, rest frozen", "LoRA r=8 q/k/v", "LoRA r=128 q/k/v")
+    for name in names:
+        assert name in rows, name
+    assert "w/o attn" not in rows
+    peak = {name: float(rows[name][-1].replace(",", "")) for name in names}
+    # Full holds ~1.5 GB more gradients and AdamW state than the deltas: a per-process peak must show it.
+    assert peak["Full"] > peak["ALPS delta 10%, rest frozen"] + 1000
+    assert "ALPS delta / LoRA r=128 q/k/v" in out
+    assert _bench_files() == before
+
+
 def test_teacher_forced_exact_match_equals_greedy_decoding():
     """The reproduction scores exact match in one teacher-forced pass; it must agree with real greedy decoding."""
     sys.path.insert(0, str(BENCH))
@@ -107,3 +147,23 @@ def _greedy(model, tok, instruction: str, max_new: int):
                 return out
             out.append(nxt)
     return None
+
+
+@pytest.mark.slow
+def test_reproduce_real_smallest_path_writes_a_result_and_skips_it_on_rerun(tmp_path, smollm2_gguf):
+    """reproduce_real.py's smallest path (one arm, two steps, tiny evaluation) into tmp_path; a rerun resumes."""
+    import json
+
+    before = _bench_files()
+    args = [str(BENCH / "reproduce_real.py"), "--quick", "--arms", "random", "--output-dir", str(tmp_path)]
+    out = _run(args, timeout=150)
+    result = tmp_path / "runs" / "arithmetic" / "random" / "seed0.json"
+    data = json.loads(result.read_text())
+    assert data["arm"] == "random" and len(data["test"]["correct"]) == 12 and data["from_sweep"], out
+    report = (tmp_path / "RESULTS_REAL.md").read_text()
+    assert "SmolLM2-135M-Instruct" in report and "| Random | 1/1 |" in report
+    assert "| Full | 0/1 | missing |" in report  # an arm that did not run shows as missing, never as a number
+    stamp = result.stat().st_mtime_ns
+    again = _run(args, timeout=90)
+    assert "0 to run" in again and result.stat().st_mtime_ns == stamp
+    assert _bench_files() == before

@@ -1,0 +1,97 @@
+"""Figures of RESULTS_REAL.md: exact match per arm, exact match against forgetting, the heads' scores."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Any
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw(store: Any, data: dict, meta: dict) -> list[str]:
+    """Write the figures that the data allows into <output>/figures; returns their paths."""
+    out = store.path("figures")
+    os.makedirs(out, exist_ok=True)
+    fams = {f: d for f, d in data["families"].items() if any(d["runs"].values())}
+    paths = []
+    if fams:
+        paths.append(_exact_match(fams, meta, os.path.join(out, "exact_match_by_arm.png")))
+        paths.append(_forgetting(fams, meta, os.path.join(out, "exact_match_vs_knowledge.png")))
+    paths += _heads(store, data, out)
+    return paths
+
+
+def _exact_match(fams: dict, meta: dict, path: str) -> str:
+    plt = _plt()
+    arms = meta["arms"]
+    fig, axes = plt.subplots(1, len(fams), figsize=(6.5 * len(fams), 4.2), squeeze=False)
+    for ax, (fam, d) in zip(axes[0], fams.items()):
+        for i, arm in enumerate(arms):
+            ems = [100 * r["test"]["exact_match"] for r in d["runs"][arm]]
+            if not ems:
+                continue
+            sd = statistics.stdev(ems) if len(ems) > 1 else 0.0
+            ax.bar(
+                i, statistics.mean(ems), yerr=sd, capsize=3, color="C0" if arms[arm]["lr_family"] == "heads" else "C7"
+            )
+            offsets = np.linspace(-0.2, 0.2, len(ems)) if len(ems) > 1 else np.zeros(1)
+            ax.scatter(i + offsets, ems, color="k", s=8, zorder=3)
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels([a["label"] for a in arms.values()], rotation=40, ha="right", fontsize=7)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("test exact match (%)")
+        ax.set_title(f"{fam}: mean ± std over seeds, dots = seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _forgetting(fams: dict, meta: dict, path: str) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(fams), figsize=(6 * len(fams), 4.2), squeeze=False)
+    for ax, (fam, d) in zip(axes[0], fams.items()):
+        for i, (arm, spec) in enumerate(meta["arms"].items()):
+            runs = d["runs"][arm]
+            if not runs:
+                continue
+            x = statistics.mean(100 * r["knowledge"]["accuracy"] for r in runs)
+            y = statistics.mean(100 * r["test"]["exact_match"] for r in runs)
+            ax.scatter(x, y, color=f"C{i}", label=spec["label"])
+        ax.set_xlabel("knowledge accuracy after training (%, base 100)")
+        ax.set_ylabel("test exact match (%)")
+        ax.set_title(f"{fam}: task gain vs forgetting (means over seeds)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _heads(store: Any, data: dict, out: str) -> list[str]:
+    from alps_trl.selection import HeadSelection
+
+    paths = []
+    for fam, d in data["families"].items():
+        sels = d["selections"]
+        if sels["alps"]:
+            path = os.path.join(out, f"alps_heads_{fam}.png")
+            HeadSelection.from_dict(sels["alps"]).plot_heatmap(path, title=f"{fam}: ALPS 10% (PAD, task model)")
+            paths.append(path)
+        first = min(sels["importance"], default=None)
+        if first is not None:
+            path = os.path.join(out, f"importance_heads_{fam}.png")
+            title = f"{fam}: Importance-10% (seed {first})"
+            HeadSelection.from_dict(sels["importance"][first]).plot_heatmap(path, title=title)
+            paths.append(path)
+    return paths

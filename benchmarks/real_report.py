@@ -1,0 +1,311 @@
+"""The output directory of `reproduce_real.py` (`Store`: one JSON file per finished piece) and the report built from
+whatever it holds: RESULTS_REAL.md, RESULTS_REAL.json and figures/. A missing piece shows as "missing", never as a
+number. Hand-written text between the interpretation markers survives a rebuild."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import real_figures
+import real_tables
+from real_tables import MISSING
+from run_info import git_commit, kept_section, package_versions, write_json, write_text
+
+RESULTS_MD = "RESULTS_REAL.md"
+RESULTS_JSON = "RESULTS_REAL.json"
+MODEL = "SmolLM2-135M-Instruct"
+INTERPRETATION_START = "<!-- interpretation:start -->"
+INTERPRETATION_END = "<!-- interpretation:end -->"
+BOOTSTRAP_RESAMPLES = 10_000
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "numpy", "scipy", "alps_trl")
+
+
+class Store:
+    """Paths of every result file under `root`, and reading them back."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def knowledge(self) -> str:
+        return self.path("base", "knowledge.json")
+
+    def base(self, fam: str) -> str:
+        return self.path("base", f"{fam}.json")
+
+    def task_model(self, fam: str) -> str:
+        return self.path("task_models", f"{fam}.json")
+
+    def selection(self, fam: str, name: str) -> str:
+        return self.path("selections", fam, f"{name}.json")
+
+    def sweep(self, fam: str, lr_family: str, lr: float) -> str:
+        return self.path("sweep", fam, f"{lr_family}_lr{lr:g}.json")
+
+    def run(self, fam: str, arm: str, seed: int) -> str:
+        return self.path("runs", fam, arm, f"seed{seed}.json")
+
+    @staticmethod
+    def load(path: str) -> Any:
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def chosen_lr(self, fam: str, lr_family: str, grid: list[float]) -> tuple[float, dict] | None:
+        """(lr, sweep point) with the best validation exact match (ties: lower validation loss); None while a point
+        of the grid is missing."""
+        points = [self.load(self.sweep(fam, lr_family, lr)) for lr in grid]
+        if any(p is None for p in points):
+            return None
+        best = max(points, key=lambda p: (p["val"]["exact_match"], -p["val"]["loss"]))
+        return best["lr"], best
+
+    def runs(self, fam: str, arm: str) -> list[dict]:
+        files = glob.glob(self.path("runs", fam, arm, "seed*.json"))
+        return sorted((self.load(f) for f in files), key=lambda r: r["seed"])
+
+    def job_times(self) -> dict[str, list[float]]:
+        """Measured wall seconds of every finished job, by job kind."""
+        out: dict[str, list[float]] = {}
+        for f in glob.glob(self.path("**", "*.json"), recursive=True):
+            data = self.load(f)
+            job = data.get("job") if isinstance(data, dict) else None
+            if isinstance(job, dict) and "kind" in job:
+                out.setdefault(job["kind"], []).append(float(job["wall_s"]))
+        return out
+
+    def check_config(self, sizes: dict) -> None:
+        """Record the sizes on the first run; refuse to mix results of other sizes into this directory."""
+        path = self.path("config.json")
+        saved = self.load(path)
+        if saved is None:
+            write_json(path, sizes)
+        elif saved != json.loads(json.dumps(sizes)):
+            changed = sorted(
+                k for k in set(saved) | set(sizes) if saved.get(k) != json.loads(json.dumps(sizes)).get(k)
+            )
+            raise SystemExit(
+                f"{self.root} holds results made with other sizes ({', '.join(changed)}); use another "
+                "--output-dir, or the options of that run."
+            )
+
+    def start_sitting(self, command: str) -> int:
+        sittings = self.load(self.path("sittings.json")) or []
+        sittings.append({"command": command, "start": time.time(), "end": None})
+        write_json(self.path("sittings.json"), sittings)
+        return len(sittings) - 1
+
+    def end_sitting(self, index: int) -> None:
+        sittings = self.load(self.path("sittings.json")) or []
+        if index < len(sittings):
+            sittings[index]["end"] = time.time()
+            write_json(self.path("sittings.json"), sittings)
+
+
+# ---- statistics -----------------------------------------------------------------------------------------------
+
+
+def t_interval(diffs: list[float]) -> tuple[float, float, float] | None:
+    """(mean, low, high): the 95% t interval of the mean of paired differences (None below 2 pairs)."""
+    from scipy import stats
+
+    if len(diffs) < 2:
+        return None
+    m, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = float(stats.t.ppf(0.975, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+    return m, m - half, m + half
+
+
+def bootstrap_interval(diffs: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of `diffs` (per-item paired differences, pooled over seeds)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diffs), size=(BOOTSTRAP_RESAMPLES, len(diffs)))
+    means = diffs[idx].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def overlap_stats(a: list, b: list, total: int) -> dict:
+    """Heads shared by two selections, the overlap two uniformly random ones would have, and P(overlap >= seen)."""
+    from scipy import stats
+
+    seen = len({tuple(h) for h in a} & {tuple(h) for h in b})
+    return {
+        "overlap": seen,
+        "expected": len(a) * len(b) / total,
+        "p": float(stats.hypergeom(total, len(a), len(b)).sf(seen - 1)),
+    }
+
+
+def spearman(a: Any, b: Any) -> float:
+    from scipy import stats
+
+    return float(stats.spearmanr(np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)).statistic)
+
+
+def paired(a_runs: list[dict], b_runs: list[dict]) -> dict | None:
+    """Paired differences a - b over common seeds: exact match (t and pooled-item bootstrap), knowledge, ppl."""
+    b_by_seed = {r["seed"]: r for r in b_runs}
+    pairs = [(r, b_by_seed[r["seed"]]) for r in a_runs if r["seed"] in b_by_seed]
+    if not pairs:
+        return None
+    em = [x["test"]["exact_match"] - y["test"]["exact_match"] for x, y in pairs]
+    items = np.concatenate(
+        [np.array(x["test"]["correct"], float) - np.array(y["test"]["correct"], float) for x, y in pairs]
+    )
+    boot = bootstrap_interval(items)
+    return {
+        "seeds": [x["seed"] for x, _ in pairs],
+        "em": t_interval(em) or (statistics.mean(em), math.nan, math.nan),
+        "em_bootstrap": (float(items.mean()), *boot),
+        "knowledge": t_interval([x["knowledge"]["accuracy"] - y["knowledge"]["accuracy"] for x, y in pairs]),
+        "ppl": t_interval([x["ppl"] - y["ppl"] for x, y in pairs]),
+    }
+
+
+# ---- the report -----------------------------------------------------------------------------------------------
+
+
+def _comparisons(arms: dict) -> list[tuple[str, str]]:
+    out = [("alps", other) for other in arms if other != "alps"]
+    out += [(a, "random") for a in arms if arms[a]["lr_family"] == "heads" and a not in ("alps", "random")]
+    return out
+
+
+def collect(store: Store, meta: dict) -> dict:
+    """Everything the report shows, read from the store (JSON-serializable)."""
+    sizes, arms = meta["sizes"], meta["arms"]
+    data: dict[str, Any] = {"knowledge": store.load(store.knowledge()), "families": {}}
+    for fam in sizes["families"]:
+        runs = {arm: store.runs(fam, arm) for arm in arms}
+        sweeps = {
+            lf: [store.load(store.sweep(fam, lf, lr)) or {"lr": lr, MISSING: True} for lr in grid]
+            for lf, grid in sizes["lr_grid"].items()
+        }
+        chosen = {lf: (store.chosen_lr(fam, lf, grid) or (None, None))[0] for lf, grid in sizes["lr_grid"].items()}
+        data["families"][fam] = {
+            "base": store.load(store.base(fam)),
+            "task_model": store.load(store.task_model(fam)),
+            "runs": runs,
+            "sweeps": sweeps,
+            "chosen_lr": chosen,
+            "paired": {f"{a} - {b}": paired(runs[a], runs[b]) for a, b in _comparisons(arms)},
+            "selections": _selections(store, fam, sizes),
+        }
+    data["analysis"] = _selection_analysis(data, sizes)
+    return data
+
+
+def _selections(store: Store, fam: str, sizes: dict) -> dict:
+    out = {"alps": store.load(store.selection(fam, "alps"))}
+    seeds = sorted(set(sizes["main_seeds"]) | set(sizes["other_seeds"]))
+    for source in ("importance", "probe"):
+        found = {s: store.load(store.selection(fam, f"{source}_seed{s}")) for s in seeds}
+        out[source] = {s: v for s, v in found.items() if v is not None}
+    return out
+
+
+def _selection_analysis(data: dict, sizes: dict) -> dict:
+    """Overlaps against the hypergeometric expectation, Spearman correlations, and PAD's concentration."""
+    fams = data["families"]
+    overlaps, correlations, concentration = [], [], {}
+    total = None
+    for fam, d in fams.items():
+        alps = d["selections"]["alps"]
+        if alps is None:
+            continue
+        total = alps["num_layers"] * alps["num_heads"]
+        scores = np.array(alps["scores"]).reshape(-1)
+        top = np.sort(scores)[::-1][: len(alps["heads"])]
+        concentration[fam] = float(top.sum() / scores.sum())
+        for source, label in (("importance", "Importance-10%"), ("probe", "ALPS-probe")):
+            for seed, sel in d["selections"][source].items():
+                overlaps.append(
+                    {
+                        "pair": f"{fam}: {label} (seed {seed}) vs ALPS",
+                        **overlap_stats(sel["heads"], alps["heads"], total),
+                    }
+                )
+                correlations.append(
+                    {
+                        "pair": f"{fam}: {sel['metric']} scores of {label} (seed {seed}) vs ALPS's PAD",
+                        "rho": spearman(sel["scores"], alps["scores"]),
+                    }
+                )
+    names = list(fams)
+    for i, f1 in enumerate(names):
+        for f2 in names[i + 1 :]:
+            a, b = fams[f1]["selections"], fams[f2]["selections"]
+            if a["alps"] and b["alps"]:
+                overlaps.append(
+                    {"pair": f"ALPS {f1} vs ALPS {f2}", **overlap_stats(a["alps"]["heads"], b["alps"]["heads"], total)}
+                )
+                correlations.append(
+                    {"pair": f"PAD {f1} vs PAD {f2}", "rho": spearman(a["alps"]["scores"], b["alps"]["scores"])}
+                )
+            for seed in sorted(set(a["importance"]) & set(b["importance"])):
+                sa, sb = a["importance"][seed], b["importance"][seed]
+                overlaps.append(
+                    {
+                        "pair": f"Importance {f1} vs {f2} (seed {seed})",
+                        **overlap_stats(sa["heads"], sb["heads"], total),
+                    }
+                )
+                correlations.append(
+                    {"pair": f"Importance {f1} vs {f2} (seed {seed})", "rho": spearman(sa["scores"], sb["scores"])}
+                )
+    return {"overlaps": overlaps, "spearman": correlations, "pad_top_share": concentration}
+
+
+def write_report(store: Store, meta: dict, command: str) -> None:
+    data = collect(store, meta)
+    figures = real_figures.draw(store, data, meta)
+    versions = package_versions(PACKAGES)
+    commit = git_commit([store.root], short=False)
+    write_json(
+        store.path(RESULTS_JSON),
+        {"model": MODEL, "command": command, "commit": commit, "versions": versions, **meta, **data},
+    )
+    md = _markdown(store, data, meta, command, commit, versions, figures)
+    write_text(store.path(RESULTS_MD), md)
+
+
+def _markdown(store, data, meta, command, commit, versions, figures) -> str:
+    sizes = meta["sizes"]
+    sittings = store.load(store.path("sittings.json")) or []
+    job_wall = sum(sum(v) for v in store.job_times().values())
+    lines = [
+        f"# Does head choice matter on a real model? ALPS vs random and importance heads on {MODEL}",
+        "",
+        "Generated by `benchmarks/reproduce_real.py` from the result files in its output directory; every number "
+        'below comes from those files (a piece not yet run shows as "missing").',
+        "",
+        f"- Command (latest sitting): `{command}`",
+        f"- Git commit: {commit}",
+        f"- Packages: python {sys.version.split()[0]}, " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- Machine: {platform.platform()}, {os.cpu_count()} CPU cores",
+        f"- Machine time: {job_wall / 3600:.2f} h of jobs over {len(sittings)} sitting(s)",
+        f"- Report built (UTC): {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}",
+        "",
+    ]
+    lines += real_tables.sizes_section(data, meta)
+    for fam in sizes["families"]:
+        lines += real_tables.family_section(fam, data["families"][fam], meta)
+    lines += real_tables.selection_section(data, sizes)
+    lines += ["## Figures", ""]
+    lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, store.root)})" for p in figures]
+    default = "(No interpretation written for this run yet: read the tables above.)"
+    interpretation = kept_section(store.path(RESULTS_MD), INTERPRETATION_START, INTERPRETATION_END) or default
+    lines += ["", "## Interpretation", "", INTERPRETATION_START, interpretation, INTERPRETATION_END, ""]
+    return "\n".join(lines)

@@ -1,0 +1,474 @@
+"""Does head choice matter on a real model? ALPS against random and data-driven heads on SmolLM2-135M-Instruct.
+
+Usage:
+    python benchmarks/reproduce_real.py --output-dir /work/real_run       # full run (resumable; ~3 h on 2 cores)
+    python benchmarks/reproduce_real.py --quick                           # pipeline check, < 5 min, temp dir
+    python benchmarks/reproduce_real.py --output-dir DIR --report-only    # rebuild RESULTS_REAL.md from DIR
+    python benchmarks/reproduce_real.py --device cuda --output-dir DIR    # larger configuration for a GPU
+    ... --families arithmetic --arms alps random importance --seeds 0 1   # filters
+
+Protocol (RESULTS_REAL.md states the sizes): two task families on which the base scores ~0% (`real_tasks`), each
+with disjoint splits A (the task model's data), B (the arms' training data), validation and test. ALPS's task model is
+a full fine-tune on A; PAD (`alps_trl.localize_heads`) picks 10% of the heads. Every head arm trains only its heads'
+q/k/v rows (delta restriction, everything else frozen) on B; Full and LoRA r8 (q/k/v) are references. All arms of a
+seed see the same batches in the same order, with the same steps and schedule (warmup 10%, cosine to 10%, AdamW, weight
+decay 0.1, clip 1.0, bf16 autocast where native). The learning rate of each method family is picked on the validation
+split at seed 0 (the chosen point is that arm's seed-0 result). Measured per run: exact match of greedy decoding on
+the test split, test loss, and forgetting (perplexity on pydoc_data, accuracy on knowledge questions the base answers).
+
+Every finished piece (base evaluation, task model, selection, sweep point, (family, arm, seed) result) is a JSON file
+under --output-dir, written atomically the moment it finishes; a rerun skips what exists, and the report is rebuilt
+from whatever is there. Work runs in order of information: one family's ALPS / Random / Importance seeds first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import math
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import finetune_loop as loop  # noqa: E402
+import real_knowledge as rk  # noqa: E402
+import real_report as report  # noqa: E402
+import real_tasks as rt  # noqa: E402
+import selection_controls as controls  # noqa: E402
+from real_config import ARMS, CALIBRATION, CUDA, NEEDS_TASK_MODEL, QUICK, STAGES, SWEEP_ARM, Sizes  # noqa: E402
+from run_info import write_json  # noqa: E402
+
+
+@dataclass
+class Job:
+    name: str
+    path: str
+    kind: str  # for the ETA: jobs of one kind take about as long
+    run: Callable[[], dict]
+
+
+class Experiment:
+    """The model, data and every job of a run; the model loads only when a job needs it."""
+
+    def __init__(self, sizes: Sizes, store: report.Store, device: str, log: Callable[[str], None]) -> None:
+        self.sizes, self.store, self.device, self.log = sizes, store, torch.device(device), log
+        self.splits = {
+            fam: rt.make_splits(
+                rt.GENERATORS[gen],
+                {"A": sizes.split_a, "B": sizes.split_b, "val": sizes.val, "test": sizes.test},
+                sizes.data_seed,
+            )
+            for fam, gen in sizes.families.items()
+        }
+        self._base = None
+        self._batches: dict[tuple[str, int], list] = {}
+
+    # ---- lazily loaded pieces -----------------------------------------------------------------------------------
+    def _load(self) -> None:
+        import smollm2
+        from transformers import AutoTokenizer
+
+        _, directory = smollm2.model_paths()
+        self._base = smollm2.load_model(directory).to(self.device)
+        self._base.requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.encoder = rt.ChatEncoder(self.tokenizer)
+        self.amp = smollm2.autocast_dtype(self.device)
+        self.ppl_rows = rt.pydoc_rows(self.tokenizer, self.sizes.ppl_tokens, self.sizes.ppl_seq)
+
+    @property
+    def base(self) -> torch.nn.Module:
+        if self._base is None:
+            self._load()
+        return self._base
+
+    def batches(self, fam: str, seed: int) -> list:
+        key = (fam, seed)
+        if key not in self._batches:
+            s = self.sizes
+            self.base  # noqa: B018 (loads the tokenizer)
+            self._batches[key] = rt.train_batches(
+                self.encoder, self.splits[fam]["B"], s.batch, s.steps, seed, self.device
+            )
+        return self._batches[key]
+
+    def evaluate(self, model, fam: str, split: str) -> dict:
+        r = rt.score_items(
+            model,
+            self.encoder,
+            self.splits[fam][split],
+            batch_size=self.sizes.eval_batch,
+            device=self.device,
+            amp=self.amp,
+        )
+        return {"exact_match": r["exact_match"], "loss": r["loss"], "correct": r["correct"]}
+
+    def forgetting(self, model) -> dict:
+        questions = [(q, a) for q, a in self.store.load(self.store.knowledge())["kept"]]
+        k = rk.knowledge_eval(
+            model,
+            self.tokenizer,
+            questions,
+            device=self.device,
+            amp=self.amp,
+            max_new_tokens=self.sizes.knowledge_new_tokens,
+        )
+        ppl = rt.perplexity(model, self.ppl_rows, device=self.device, amp=self.amp)
+        return {"knowledge": {"accuracy": k["accuracy"], "correct": k["correct"]}, "ppl": ppl}
+
+    # ---- base and task model ------------------------------------------------------------------------------------
+    def knowledge_job(self) -> dict:
+        import random
+
+        s = self.sizes
+        candidates = rk.KNOWLEDGE_CANDIDATES[: s.knowledge_candidates]
+        r = rk.knowledge_eval(
+            self.base,
+            self.tokenizer,
+            candidates,
+            device=self.device,
+            amp=self.amp,
+            max_new_tokens=s.knowledge_new_tokens,
+        )
+        right = [(q, a, g) for (q, a), g, c in zip(candidates, r["generations"], r["correct"]) if c]
+        random.Random(s.data_seed).shuffle(right)
+        kept = right[: s.knowledge]
+        return {
+            "candidates": len(candidates),
+            "base_correct": len(right),
+            "kept": [[q, a] for q, a, _ in kept],
+            "base_generations": [g for _, _, g in kept],
+            "base_ppl": rt.perplexity(self.base, self.ppl_rows, device=self.device, amp=self.amp),
+        }
+
+    def base_job(self, fam: str) -> dict:
+        test = self.splits[fam]["test"]
+        tf = self.evaluate(self.base, fam, "test")
+        greedy = rt.greedy_agreement(self.base, self.encoder, test, tf["correct"], device=self.device, amp=self.amp)
+        return {
+            "family": fam,
+            "generator": self.sizes.families[fam],
+            "examples": test[:3],
+            "test": tf,
+            "greedy": greedy,
+        }
+
+    def task_model_job(self, fam: str) -> dict:
+        from alps_trl.localize import localize_heads
+
+        s = self.sizes
+        model = copy.deepcopy(self.base)
+        prep = loop.prepare(model, loop.Method("task model", "full"))
+        batches = rt.train_batches(self.encoder, self.splits[fam]["A"], s.batch, s.task_model_steps, 1000, self.device)
+        losses = loop.train(prep, batches, s.task_model_lr, s.weight_decay, 1.0, self.amp)
+        val = self.evaluate(model, fam, "val")
+        selection = localize_heads(self.base, model, ratio=s.ratio, metric="pad")
+        selection.provenance.update({"task": f"full fine-tune on split A ({s.task_model_steps} steps)"})
+        selection.save(self.store.selection(fam, "alps"))
+        del model, prep
+        gc.collect()
+        return {"steps": s.task_model_steps, "lr": s.task_model_lr, "final_loss": losses[-1], "val": val}
+
+    # ---- selections ---------------------------------------------------------------------------------------------
+    def selection(self, fam: str, arm: str, seed: int):
+        """The heads `arm` trains at `seed` (scored selections are saved under selections/ the first time)."""
+        from alps_trl.anatomy import AttentionLayout
+        from alps_trl.selection import HeadSelection, num_selected, select_random, selection_for_layout
+
+        s = self.sizes
+        layout = AttentionLayout.from_model(self.base)
+        if arm in NEEDS_TASK_MODEL:
+            alps = HeadSelection.load(self.store.selection(fam, "alps"))
+            if arm == "lowest":
+                return controls.lowest_k(alps)
+            return alps if arm == "alps" else controls.random_same_footprint(alps, seed)
+        if arm == "random":
+            k = num_selected(s.ratio, layout.num_layers, layout.num_heads)
+            heads = select_random(layout.num_layers, layout.num_heads, k, seed)
+            return selection_for_layout(
+                layout, heads, metric="none", ratio=s.ratio, strategy="random", provenance={"seed": seed}
+            )
+        source = "importance" if arm.startswith("importance") else "probe"
+        path = self.store.selection(fam, f"{source}_seed{seed}")
+        if not os.path.isfile(path):
+            start = time.time()
+            scored = self._importance(fam, seed, layout) if source == "importance" else self._probe(fam, seed)
+            scored.provenance["wall_s"] = round(time.time() - start, 1)
+            scored.save(path)
+        scored = HeadSelection.load(path)
+        return controls.lowest_k(scored) if arm == "importance_lowest" else scored
+
+    def _importance(self, fam: str, seed: int, layout):
+        """The trainer's `alps_metric="importance"`: the default budget of batches, first in the seed's order."""
+        from alps_trl.config import AlpsArguments, planned_importance_batches
+        from alps_trl.importance import head_importance, importance_selection
+
+        n = planned_importance_batches(AlpsArguments(), self.sizes.steps, 1)
+        batches = [rt.as_model_inputs(b) for b in self.batches(fam, seed)[:n]]
+        with rt.autocast(self.device, self.amp):
+            scores = head_importance(self.base, batches, progress=False, train_mode=True)
+        return importance_selection(scores, layout, self.sizes.ratio, num_batches=n, provenance={"seed": seed})
+
+    def _probe(self, fam: str, seed: int):
+        """The trainer's probe, as `alps_trl.probe.run_probe` does it: all q/k/v (rest frozen) for 10% of the steps
+        on the seed's first training batches, constant head-family lr, no weight decay, clip 1.0; then PAD."""
+        from alps_trl.config import AlpsArguments, planned_probe_steps
+        from alps_trl.localize import localize_heads
+
+        n = planned_probe_steps(AlpsArguments(), self.sizes.steps)
+        lr = self.chosen_lr(fam, "heads")
+        prep = loop.prepare(copy.deepcopy(self.base), loop.Method("probe", "qkv"))
+        optimizer = loop.make_optimizer(prep, lr, 0.0)
+        prep.model.train()
+        for batch in self.batches(fam, seed)[:n]:
+            loop.train_step(prep, optimizer, batch, lr, 0.0, 1.0, self.amp)
+        selection = localize_heads(self.base, prep.model, ratio=self.sizes.ratio, metric="pad")
+        selection.provenance.update({"task": f"probe ({n} attention-only steps on split B)", "seed": seed, "lr": lr})
+        return selection
+
+    # ---- training runs ------------------------------------------------------------------------------------------
+    def chosen_lr(self, fam: str, lr_family: str) -> float:
+        chosen = self.store.chosen_lr(fam, lr_family, self.sizes.lr_grid[lr_family])
+        if chosen is None:
+            raise RuntimeError(f"The {lr_family} learning-rate sweep of {fam} is incomplete.")
+        return chosen[0]
+
+    def method(self, fam: str, arm: str, seed: int) -> tuple[loop.Method, object]:
+        kind = ARMS[arm].lr_family
+        if kind == "full":
+            return loop.Method(arm, "full"), None
+        if kind == "lora":
+            return loop.Method(arm, "lora", lora_rank=self.sizes.lora_rank), None
+        sel = self.selection(fam, arm, seed)
+        return loop.Method(arm, "heads", selection=sel, mode="delta", train_non_attention=False), sel
+
+    def run_arm(self, fam: str, arm: str, seed: int, lr: float, with_val: bool = False) -> dict:
+        s = self.sizes
+        method, sel = self.method(fam, arm, seed)
+        batches = self.batches(fam, seed)
+        torch.manual_seed(seed)  # LoRA's initialisation
+        prep = loop.prepare(copy.deepcopy(self.base), method)
+        trainable = loop.trainable_parameters(prep)
+        wall, cpu = time.time(), time.process_time()
+        losses = loop.train(prep, batches, lr, s.weight_decay, 1.0, self.amp)
+        train_wall, train_cpu = time.time() - wall, time.process_time() - cpu
+        start = time.time()
+        result = {
+            "family": fam,
+            "arm": arm,
+            "seed": seed,
+            "lr": lr,
+            "trainable": trainable,
+            "heads": None if sel is None else [list(h) for h in sel.heads],
+            "kv_groups": None if sel is None else int(sel.kv_mask_array().sum()),
+            "losses": losses,
+            "train_wall_s": train_wall,
+            "step_wall_s": train_wall / len(batches),
+            "step_cpu_s": train_cpu / len(batches),
+            "test": self.evaluate(prep.model, fam, "test"),
+            **self.forgetting(prep.model),
+        }
+        if with_val:
+            result["val"] = self.evaluate(prep.model, fam, "val")
+        if seed == 0:
+            pairs = self.splits[fam]["test"][: s.greedy_check]
+            flags = result["test"]["correct"][: s.greedy_check]
+            result["greedy"] = rt.greedy_agreement(
+                prep.model, self.encoder, pairs, flags, device=self.device, amp=self.amp
+            )
+        result["eval_wall_s"] = time.time() - start
+        del prep
+        gc.collect()
+        return result
+
+    def from_sweep(self, fam: str, arm: str) -> dict:
+        """The seed-0 result of the arm that picked its family's lr: the chosen sweep point itself."""
+        lr_family = ARMS[arm].lr_family
+        _, point = self.store.chosen_lr(fam, lr_family, self.sizes.lr_grid[lr_family])
+        return {**point, "from_sweep": True, "sweep_job": point.pop("job", None)}
+
+    # ---- the plan -----------------------------------------------------------------------------------------------
+    def plan(self, families: list[str], arms: list[str], seeds: list[int] | None) -> list[Job]:
+        """Every job of the run in order of information, each once; dependencies (task model, lr sweep) come just
+        before the first job that needs them."""
+        st, s = self.store, self.sizes
+        jobs: dict[str, Job] = {}
+
+        def add(name: str, path: str, kind: str, run: Callable[[], dict]) -> None:
+            jobs.setdefault(path, Job(name, path, kind, run))
+
+        def sweep(fam: str, lr_family: str) -> None:
+            arm = SWEEP_ARM[lr_family]
+            for lr in s.lr_grid[lr_family]:
+                name = f"{fam}: {lr_family} lr sweep ({arm}, seed 0, lr {lr:g})"
+                add(
+                    name,
+                    st.sweep(fam, lr_family, lr),
+                    f"train:{lr_family}",
+                    lambda f=fam, a=arm, r=lr: self.run_arm(f, a, 0, r, True),
+                )
+
+        def run(fam: str, arm: str, seed: int) -> None:
+            lr_family = ARMS[arm].lr_family
+            if arm in NEEDS_TASK_MODEL:
+                add(
+                    f"{fam}: task model (full fine-tune on A)",
+                    st.task_model(fam),
+                    "task_model",
+                    lambda: self.task_model_job(fam),
+                )
+            sweep(fam, lr_family)
+            name, path = f"{fam}: {arm} seed {seed}", st.run(fam, arm, seed)
+            if seed == 0 and SWEEP_ARM[lr_family] == arm:
+                add(name, path, "copy", lambda: self.from_sweep(fam, arm))
+            else:
+                add(
+                    name,
+                    path,
+                    f"train:{lr_family}",
+                    lambda: self.run_arm(fam, arm, seed, self.chosen_lr(fam, lr_family)),
+                )
+
+        add("base: knowledge questions and perplexity", st.knowledge(), "knowledge", self.knowledge_job)
+        for stage in (*STAGES, ("full", "lora")):
+            for fam in families:
+                add(f"{fam}: base model", st.base(fam), "base", lambda f=fam: self.base_job(f))
+                for seed in sorted(set(s.main_seeds) | set(s.other_seeds)):  # seed by seed: pairs complete early
+                    for arm in (a for a in stage if a in arms):
+                        if seed in (s.main_seeds if ARMS[arm].many_seeds else s.other_seeds):
+                            if seeds is None or seed in seeds:
+                                run(fam, arm, seed)
+        return list(jobs.values())
+
+
+# Prior seconds per job kind at the default sizes on 2 CPU cores (the ETA uses measured times once it has them).
+PRIOR_S = {"knowledge": 60, "base": 40, "task_model": 180, "train:heads": 95, "train:lora": 100, "train:full": 130}
+
+
+def estimate(kind: str, sizes: Sizes, device: str) -> float:
+    """Prior seconds for a job of `kind`: `PRIOR_S` scaled by the training tokens, a GPU taken as 20x faster."""
+    seconds = PRIOR_S.get(kind, 0.0)
+    if kind.startswith("train:"):
+        seconds *= sizes.steps * sizes.batch / (30 * 16)
+    elif kind == "task_model":
+        seconds *= sizes.task_model_steps * sizes.batch / (60 * 16)
+    return seconds / (20 if device == "cuda" else 1)
+
+
+# Rebuilding the report costs a few seconds: during a run, at most this often (and always at the end).
+REPORT_EVERY_S = 600
+
+
+def throttled(seconds: float, fn: Callable[[], None]) -> Callable[[], None]:
+    """`fn`, run when called at least `seconds` after its last run (the first call runs it)."""
+    last = [-math.inf]
+
+    def call() -> None:
+        if time.time() - last[0] >= seconds:
+            fn()
+            last[0] = time.time()
+
+    return call
+
+
+def execute(jobs: list[Job], store: report.Store, sizes: Sizes, device: str, log, after_each) -> None:
+    """Run every job whose file is missing, in order; print progress and an ETA from measured job times."""
+    todo = [j for j in jobs if not os.path.isfile(j.path)]
+    log(f"{len(jobs)} jobs planned, {len(jobs) - len(todo)} already done, {len(todo)} to run")
+    measured = store.job_times()
+
+    def cost(kind: str) -> float:
+        times = measured.get(kind)
+        return statistics.median(times) if times else estimate(kind, sizes, device)  # median: one diverged run is slow
+
+    for i, job in enumerate(todo):
+        start = time.time()
+        log(f"[{i + 1}/{len(todo)}] {job.name} ...")
+        result = job.run()
+        wall = time.time() - start
+        result["job"] = {
+            "name": job.name,
+            "kind": job.kind,
+            "wall_s": wall,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        write_json(job.path, result)
+        measured.setdefault(job.kind, []).append(wall)
+        left = sum(cost(j.kind) for j in todo[i + 1 :])
+        detail = ""
+        if "arm" in result:
+            em, know = 100 * result["test"]["exact_match"], 100 * result["knowledge"]["accuracy"]
+            detail = f": test EM {em:.1f}%, knowledge {know:.0f}%, ppl {result['ppl']:.2f}"
+        log(
+            f"[{i + 1}/{len(todo)}] done in {wall:.0f}s{detail}; about {left / 60:.0f} min left "
+            f"(ETA {time.strftime('%H:%M', time.localtime(time.time() + left))})"
+        )
+        after_each()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", help="where the result files and RESULTS_REAL.md go (--quick: a temp dir)")
+    parser.add_argument("--quick", action="store_true", help="one family, one seed, a few steps, tiny evaluation")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: more seeds and evaluation items)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the files; no training")
+    parser.add_argument("--families", nargs="+", help="only these task families")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="only these arms (and what they need)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (sweeps always run at seed 0)")
+    parser.add_argument("--steps", type=int, help="override the training steps (calibration; changes the sizes)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    args = parser.parse_args(argv)
+    sizes = copy.deepcopy(QUICK if args.quick else CUDA if args.device == "cuda" else Sizes())
+    if args.steps:
+        sizes.steps = args.steps
+    if args.families:
+        unknown = set(args.families) - set(sizes.families)
+        if unknown:
+            parser.error(f"unknown families {sorted(unknown)}; choose from {list(sizes.families)}")
+    out = args.output_dir or (tempfile.mkdtemp(prefix="alps_real_quick_") if args.quick else None)
+    if out is None:
+        parser.error("--output-dir is required (except with --quick)")
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    store = report.Store(out)
+    begin = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')} +{time.time() - begin:6.0f}s] {msg}", flush=True)
+
+    command = "python benchmarks/reproduce_real.py " + shlex.join(argv)
+    meta = {"sizes": asdict(sizes), "arms": {k: asdict(v) for k, v in ARMS.items()}, "calibration": CALIBRATION}
+    if args.report_only:
+        report.write_report(store, meta, command)
+        log(f"report rebuilt: {store.path(report.RESULTS_MD)}")
+        return 0
+    store.check_config(asdict(sizes))
+    exp = Experiment(sizes, store, args.device, log)
+    jobs = exp.plan(args.families or list(sizes.families), args.arms or list(ARMS), args.seeds)
+
+    def write() -> None:
+        report.write_report(store, meta, command)
+
+    sitting = store.start_sitting(command)
+    try:
+        execute(jobs, store, sizes, args.device, log, after_each=throttled(REPORT_EVERY_S, write))
+    finally:
+        store.end_sitting(sitting)
+        write()
+    log(f"done; report: {store.path(report.RESULTS_MD)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
