@@ -110,10 +110,10 @@ def resolve_gguf_file(name_or_path: str, gguf_file: str | None = None) -> str | 
         ) from None
 
 
-def converted_dir(path: str, cache_dir: str | None = None) -> str:
-    """The cache directory that `convert_gguf` uses for the GGUF file `path` (content-keyed)."""
+def converted_dir(path: str, cache_dir: str | None = None, digest: str | None = None) -> str:
+    """The cache directory that `convert_gguf` uses for the GGUF file `path` (content-keyed; `digest`: its sha256)."""
     stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join(cache_dir or cache_root(), "gguf", f"{stem}-{file_digest(path)[:16]}")
+    return os.path.join(cache_dir or cache_root(), "gguf", f"{stem}-{(digest or file_digest(path))[:16]}")
 
 
 def is_converted(directory: str) -> bool:
@@ -137,7 +137,8 @@ def convert_gguf(path: str, cache_dir: str | None = None, dtype: str = "float32"
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path!r} does not exist.")
-    target = converted_dir(path, cache_dir)
+    digest = file_digest(path)
+    target = converted_dir(path, cache_dir, digest)
     if is_converted(target):
         return target
     _require_gguf()
@@ -152,7 +153,7 @@ def convert_gguf(path: str, cache_dir: str | None = None, dtype: str = "float32"
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
-            json.dump({"gguf_file": path, "sha256": file_digest(path), "dtype": dtype}, f, indent=2)
+            json.dump({"gguf_file": path, "sha256": digest, "dtype": dtype}, f, indent=2)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first: keep its copy
