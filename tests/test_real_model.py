@@ -94,17 +94,11 @@ def test_planted_heads_found_on_gguf_and_converted_pairs_alike(smollm2_gguf, smo
     assert np.all(selections["gguf"].scores[unplanted] == 0.0)  # bit-identical heads score exactly 0
 
 
-def _reverse_words_data(n: int):
+def _demo_data(task: str, n: int):
+    """The first `n` training rows of a shipped demo dataset (recipes/demo/data/<task>/train.jsonl)."""
     from datasets import load_dataset
 
-    path = os.path.join(os.path.dirname(__file__), "..", "recipes", "demo", "data", "reverse_words", "train.jsonl")
-    return load_dataset("json", data_files=path, split="train").select(range(n))
-
-
-def _preference_data(n: int):
-    from datasets import load_dataset
-
-    path = os.path.join(os.path.dirname(__file__), "..", "recipes", "demo", "data", "terse_answers", "train.jsonl")
+    path = os.path.join(os.path.dirname(__file__), "..", "recipes", "demo", "data", task, "train.jsonl")
     return load_dataset("json", data_files=path, split="train").select(range(n))
 
 
@@ -190,7 +184,9 @@ def test_unselected_rows_of_the_real_model_survive_training_save_and_reload(
     before = _qkv(model)
     selection = _selection(model)
     trainer_cls, data = (
-        (AlpsSFTTrainer, _reverse_words_data(8)) if kind == "sft" else (AlpsDPOTrainer, _preference_data(8))
+        (AlpsSFTTrainer, _demo_data("reverse_words", 8))
+        if kind == "sft"
+        else (AlpsDPOTrainer, _demo_data("terse_answers", 8))
     )
     out = tmp_path / "out"
     trainer = trainer_cls(
@@ -220,7 +216,7 @@ def test_merged_export_generates_the_same_tokens(smollm2_dir, tmp_path):
     args = _args("sft", out, "delta", False)
     args.max_steps, args.learning_rate = 4, 3e-3
     trainer = AlpsSFTTrainer(
-        model=model, args=args, train_dataset=_reverse_words_data(16), processing_class=tokenizer,
+        model=model, args=args, train_dataset=_demo_data("reverse_words", 16), processing_class=tokenizer,
         head_selection=_selection(model),
     )  # fmt: skip
     trainer.train()
@@ -253,7 +249,7 @@ def test_model_loaded_from_gguf_trains_as_full_precision(smollm2_gguf, tmp_path)
     before = _qkv(model)
     out = tmp_path / "out"
     trainer = AlpsSFTTrainer(
-        model=model, args=_args("sft", out, "auto", False), train_dataset=_reverse_words_data(8),
+        model=model, args=_args("sft", out, "auto", False), train_dataset=_demo_data("reverse_words", 8),
         processing_class=tokenizer, head_selection=_selection(model),
     )  # fmt: skip
     assert trainer.restriction.mode == "mask"
