@@ -9,17 +9,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AttentionLayout": "alps_trl.anatomy",
-    "HeadSelection": "alps_trl.selection",
-    "score_heads": "alps_trl.scoring",
-    "localize_heads": "alps_trl.localize",
-    "head_importance": "alps_trl.importance",
-    "AlpsArguments": "alps_trl.config",
-    "AlpsSFTConfig": "alps_trl.config",
-    "AlpsDPOConfig": "alps_trl.config",
-    "AlpsTrainerMixin": "alps_trl.trainer_mixin",
-    "AlpsSFTTrainer": "alps_trl.sft_trainer",
-    "AlpsDPOTrainer": "alps_trl.dpo_trainer",
+    "AttentionLayout": "alps_trl.localization.anatomy",
+    "HeadSelection": "alps_trl.localization.selection",
+    "score_heads": "alps_trl.localization.scoring",
+    "localize_heads": "alps_trl.localization.localize",
+    "head_importance": "alps_trl.localization.importance",
+    "AlpsArguments": "alps_trl.trainers.config",
+    "AlpsSFTConfig": "alps_trl.trainers.config",
+    "AlpsDPOConfig": "alps_trl.trainers.config",
+    "AlpsTrainerMixin": "alps_trl.trainers.mixin",
+    "AlpsSFTTrainer": "alps_trl.trainers.sft",
+    "AlpsDPOTrainer": "alps_trl.trainers.dpo",
     "merge_delta_checkpoint": "alps_trl.restriction.delta",
 }
 

@@ -70,9 +70,9 @@ def build(args, accelerator, alps: bool):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from alps_trl.anatomy import AttentionLayout
+    from alps_trl.localization.anatomy import AttentionLayout
+    from alps_trl.localization.selection import HeadSelection, num_selected, select_random
     from alps_trl.restriction import build_restriction
-    from alps_trl.selection import HeadSelection, num_selected, select_random
 
     config = LlamaConfig(
         vocab_size=args.vocab,

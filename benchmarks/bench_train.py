@@ -100,7 +100,7 @@ def model_config(quick: bool, vocab: int):
 
 def make_methods(model: torch.nn.Module, ratio: float, lora_ranks: list[int], wo_attn: bool) -> list[loop.Method]:
     """Full, [w/o attn,] ALPS mask, ALPS delta (rest frozen), then one LoRA per rank; Full first."""
-    from alps_trl.localize import localize_heads
+    from alps_trl.localization.localize import localize_heads
 
     selection = localize_heads(model, model, ratio=ratio, strategy="random", seed=0)
     pct = f"{round(ratio * 100)}%"

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from alps_trl.selection import HeadSelection
+from alps_trl.localization.selection import HeadSelection
 
 QKV = ("q_proj", "k_proj", "v_proj")
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from alps_trl.tiny import TINY_DIMS  # noqa: E402
+from alps_trl.testing import TINY_DIMS  # noqa: E402
 
 LLAMA_1B = dict(
     vocab_size=128256,
@@ -89,8 +89,8 @@ def llama(dims: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
 
 
 def random_selection(model, ratio: float = 0.1, seed: int = 0):
-    from alps_trl.anatomy import AttentionLayout
-    from alps_trl.selection import HeadSelection, num_selected, select_random
+    from alps_trl.localization.anatomy import AttentionLayout
+    from alps_trl.localization.selection import HeadSelection, num_selected, select_random
 
     layout = AttentionLayout.from_model(model)
     k = num_selected(ratio, layout.num_layers, layout.num_heads)

@@ -79,7 +79,7 @@ def _forgetting(fams: dict, meta: dict, path: str) -> str:
 
 
 def _heads(store: Any, data: dict, out: str) -> list[str]:
-    from alps_trl.selection import HeadSelection
+    from alps_trl.localization.selection import HeadSelection
 
     paths = []
     for fam, d in data["families"].items():

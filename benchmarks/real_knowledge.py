@@ -164,7 +164,7 @@ def knowledge_eval(
     model, tokenizer, questions: Sequence[tuple[str, Sequence[str]]], *, device="cpu", amp=None, max_new_tokens=12
 ) -> dict[str, Any]:
     """Greedy answers to `questions`; returns {"correct": list[bool], "accuracy": float, "generations": list[str]}."""
-    from alps_trl.generation_eval import generate_answers
+    from alps_trl.recipes.generation_eval import generate_answers
 
     with autocast(device, amp):
         result = generate_answers(

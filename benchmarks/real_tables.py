@@ -36,8 +36,8 @@ def _runs_expected(meta: dict, arm: str) -> list[int]:
 
 
 def sizes_section(data: dict, meta: dict) -> list[str]:
-    from alps_trl.config import AlpsArguments, planned_importance_batches, planned_probe_steps
-    from alps_trl.selection import num_selected
+    from alps_trl.localization.selection import num_selected
+    from alps_trl.trainers.config import AlpsArguments, planned_importance_batches, planned_probe_steps
 
     s = meta["sizes"]
     k = num_selected(s["ratio"], 30, 9)

@@ -214,8 +214,8 @@ def score_items(
 def greedy_agreement(
     model, encoder: ChatEncoder, pairs: Sequence[Pair], correct: Sequence[bool], *, device="cpu", amp=None
 ) -> dict[str, Any]:
-    """Real greedy decoding of `pairs` (alps_trl.generation_eval) against the teacher-forced `correct` flags."""
-    from alps_trl.generation_eval import generate_answers
+    """Real greedy decoding of `pairs` (recipes.generation_eval) against the teacher-forced `correct` flags."""
+    from alps_trl.recipes.generation_eval import generate_answers
 
     max_new = max(len(encoder.answer_ids(a)) for _, a in pairs) + 2
     with autocast(device, amp):

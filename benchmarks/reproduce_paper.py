@@ -36,7 +36,7 @@ import paper_report as report  # noqa: E402
 import selection_controls as controls  # noqa: E402
 import synthetic_tasks as data  # noqa: E402
 
-from alps_trl.localize import localize_heads  # noqa: E402
+from alps_trl.localization.localize import localize_heads  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -321,7 +321,7 @@ class Experiment:
 
     def methods(self, seed: int) -> dict[str, tuple[loop.Method, str]]:
         """Every (method, lr family) of the main tables, for one seed."""
-        from alps_trl.localize import localize_heads as loc
+        from alps_trl.localization.localize import localize_heads as loc
 
         base = model_from(self.base_state, self.scale, self.tok)
         tm = self.task_models["add_a"]

@@ -164,7 +164,7 @@ class Experiment:
         }
 
     def task_model_job(self, fam: str) -> dict:
-        from alps_trl.localize import localize_heads
+        from alps_trl.localization.localize import localize_heads
 
         s = self.sizes
         model = copy.deepcopy(self.base)
@@ -182,8 +182,8 @@ class Experiment:
     # ---- selections ---------------------------------------------------------------------------------------------
     def selection(self, fam: str, arm: str, seed: int):
         """The heads `arm` trains at `seed` (scored selections are saved under selections/ the first time)."""
-        from alps_trl.anatomy import AttentionLayout
-        from alps_trl.selection import HeadSelection, num_selected, select_random, selection_for_layout
+        from alps_trl.localization.anatomy import AttentionLayout
+        from alps_trl.localization.selection import HeadSelection, num_selected, select_random, selection_for_layout
 
         s = self.sizes
         layout = AttentionLayout.from_model(self.base)
@@ -210,8 +210,8 @@ class Experiment:
 
     def _importance(self, fam: str, seed: int, layout):
         """The trainer's `alps_metric="importance"`: the default budget of batches, first in the seed's order."""
-        from alps_trl.config import AlpsArguments, planned_importance_batches
-        from alps_trl.importance import head_importance, importance_selection
+        from alps_trl.localization.importance import head_importance, importance_selection
+        from alps_trl.trainers.config import AlpsArguments, planned_importance_batches
 
         n = planned_importance_batches(AlpsArguments(), self.sizes.steps, 1)
         batches = [rt.as_model_inputs(b) for b in self.batches(fam, seed)[:n]]
@@ -220,10 +220,10 @@ class Experiment:
         return importance_selection(scores, layout, self.sizes.ratio, num_batches=n, provenance={"seed": seed})
 
     def _probe(self, fam: str, seed: int):
-        """The trainer's probe, as `alps_trl.probe.run_probe` does it: all q/k/v (rest frozen) for 10% of the steps
+        """The trainer's probe, as `trainers.probe.run_probe` does it: all q/k/v (rest frozen) for 10% of the steps
         on the seed's first training batches, constant head-family lr, no weight decay, clip 1.0; then PAD."""
-        from alps_trl.config import AlpsArguments, planned_probe_steps
-        from alps_trl.localize import localize_heads
+        from alps_trl.localization.localize import localize_heads
+        from alps_trl.trainers.config import AlpsArguments, planned_probe_steps
 
         n = planned_probe_steps(AlpsArguments(), self.sizes.steps)
         lr = self.chosen_lr(fam, "heads")

@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from alps_trl.selection import HeadSelection, select_top_k
+from alps_trl.localization.selection import HeadSelection, select_top_k
 
 
 def _derived(template: HeadSelection, heads, strategy: str, **provenance) -> HeadSelection:

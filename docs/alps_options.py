@@ -25,7 +25,7 @@ def _cell(text: str) -> str:
 
 def render_table() -> str:
     """Markdown table: one row per AlpsArguments field, in declaration order."""
-    from alps_trl.config import AlpsArguments
+    from alps_trl.trainers.config import AlpsArguments
 
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(AlpsArguments):

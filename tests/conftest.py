@@ -10,6 +10,21 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The tiny models' many small ops run faster on one thread than on two (thread hand-offs cost more than they win):
+# the fast loop took 220 s on one thread and ~2x longer on two. In-process only: subprocess runs keep the default,
+# and the real-model tests take every core (`all_cores` below).
+CORES = torch.get_num_threads()
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def all_cores():
+    """Every core for a test on a real model (its big matmuls do use them)."""
+    torch.set_num_threads(CORES)
+    yield
+    torch.set_num_threads(1)
+
+
 CORPUS = [
     f"Question: what is {a} plus {b}? Answer: {a + b}. The quick brown fox jumps over the lazy dog."
     for a in range(20)
@@ -23,14 +38,14 @@ def has_cuda() -> bool:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from alps_trl.tiny import build_tokenizer
+    from alps_trl.testing import build_tokenizer
 
     return build_tokenizer(CORPUS, vocab_size=512)
 
 
 @pytest.fixture
 def tiny_llama():
-    from alps_trl.tiny import tiny_model
+    from alps_trl.testing import tiny_model
 
     return tiny_model("llama", seed=0)
 
@@ -46,6 +61,6 @@ def smollm2_gguf():
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf):
     """Its standard checkpoint directory, converted once per machine into the content-keyed cache."""
-    from alps_trl.gguf import convert_gguf
+    from alps_trl.localization.gguf import convert_gguf
 
     return convert_gguf(smollm2_gguf)

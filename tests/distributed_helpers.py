@@ -43,7 +43,7 @@ def make_tiny_base(path: Path) -> Path:
     """
     from datasets import Dataset
 
-    from alps_trl.tiny import build_tokenizer, tiny_model
+    from alps_trl.testing import build_tokenizer, tiny_model
 
     if not (path / "config.json").is_file():
         tiny_model("llama", seed=0).save_pretrained(path)

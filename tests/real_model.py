@@ -11,14 +11,14 @@ import importlib.util
 
 import pytest
 
-from alps_trl.recipe_utils import DEMO_INSTALL, DEMO_MODEL_DISTRIBUTION
+from alps_trl.recipes.arguments import DEMO_INSTALL, DEMO_MODEL_DISTRIBUTION
 
 SKIP_REASON = f"SmolLM2-135M-Instruct is not installed ({DEMO_INSTALL})"
 
 
 def smollm2_gguf_or_skip() -> str:
     """Path of the packaged GGUF file; skips the test where the package (or the gguf reader) is missing."""
-    from alps_trl.gguf import packaged_gguf
+    from alps_trl.localization.gguf import packaged_gguf
 
     path = packaged_gguf(DEMO_MODEL_DISTRIBUTION)
     if path is None or importlib.util.find_spec("gguf") is None:

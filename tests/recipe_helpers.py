@@ -31,7 +31,7 @@ def load_script(rel_path: str):
 
 def parse_script_args(script: str, args: list[str]):
     """Parse `args` exactly like `python <script> <args>` does; returns (script_args, training_args, model_args)."""
-    from alps_trl.recipe_utils import parse_recipe_args
+    from alps_trl.recipes.arguments import parse_recipe_args
 
     module = load_script(script)
     args = list(args)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from alps_trl.anatomy import AttentionLayout
-from alps_trl.selection import HeadSelection
+from alps_trl.localization.anatomy import AttentionLayout
+from alps_trl.localization.selection import HeadSelection
 
 # Layer 0: heads 1 and 2 (kv group 0, group size 4); layer 1: head 7 (kv group 1). Mixed on purpose:
 # each layer has selected and unselected q rows and kv groups.

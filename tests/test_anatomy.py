@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from alps_trl.anatomy import (
+from alps_trl.localization.anatomy import (
     ARCHITECTURES,
     AttentionLayout,
     UnsupportedArchitectureError,
     supported_architectures,
     unwrap_model,
 )
-from alps_trl.tiny import tiny_config, tiny_model
+from alps_trl.testing import tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"])

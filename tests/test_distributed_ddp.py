@@ -21,14 +21,24 @@ from distributed_helpers import (
 
 pytestmark = pytest.mark.distributed
 
-SCENARIOS = ["sft-mask", "sft-delta", "dpo-mask", "dpo-delta", "dpo-delta-memory", "dpo-delta-memory-copyref"]
+SCENARIOS = [
+    "sft-mask",
+    "sft-delta",
+    "dpo-mask",
+    "dpo-delta",
+    "dpo-delta-memory",
+    "dpo-delta-memory-copyref",
+    "sft-probe",
+]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     base = make_tiny_base(tmp_path_factory.mktemp("tiny_base"))
     out = tmp_path_factory.mktemp("ddp")
-    args = ["--base", str(base), "--out", str(out), "--scenarios", ",".join(SCENARIOS), "--save"]
+    # --writer-only-save: the final save_model calls _save on rank 0 only; every scenario's rank 0 also reads
+    # trainer.head_selection alone before train(). Both must finish (no collective started on one rank).
+    args = ["--base", str(base), "--out", str(out), "--scenarios", ",".join(SCENARIOS), "--save", "--writer-only-save"]
     accelerate_launch("multi_gpu.yaml", 2, args)
     return base, out
 
@@ -43,6 +53,18 @@ def test_ddp_two_ranks_unselected_rows_exact(ddp_run, scenario):
         assert reports[0]["reference_kind"] == "parameter-free"
     elif scenario in ("dpo-delta", "dpo-delta-memory"):
         assert reports[0]["reference_kind"] == "precomputed"
+
+
+def test_ddp_probe_ranks_train_on_their_own_shares(ddp_run):
+    """The probe (no selection given) under 2 ranks: each rank trains on different batches, PROBE_STEPS x
+    accumulation of them, and both end with the same selection, computed from the probe."""
+    _, out = ddp_run
+    reports = read_reports(out, "sft-probe", 2)
+    digests = [r["probe_batch_digests"] for r in reports]
+    assert len(digests[0]) == len(digests[1]) == 2 * 2  # PROBE_STEPS steps x gradient_accumulation_steps 2
+    assert not set(digests[0]) & set(digests[1]), "the ranks trained the probe on the same batches"
+    assert reports[0]["fingerprint"] == reports[1]["fingerprint"]
+    assert "probe" in reports[0]["provenance"]["task"]
 
 
 def test_ddp_dpo_in_memory_dataset_precomputes_exact_reference(ddp_run):

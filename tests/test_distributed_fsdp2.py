@@ -34,7 +34,9 @@ def tiny_base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fsdp2_run(tiny_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    args = ["--base", str(tiny_base), "--out", str(out), "--scenarios", ",".join(TWO_RANK), "--fsdp", "--save"]
+    # --writer-only-save: the final save_model calls _save on rank 0 only (the delta gather happens before).
+    args = ["--base", str(tiny_base), "--out", str(out), "--scenarios", ",".join(TWO_RANK), "--fsdp", "--save",
+            "--writer-only-save"]  # fmt: skip
     accelerate_launch("fsdp2.yaml", 2, args)
     return out
 
@@ -82,7 +84,7 @@ def test_fsdp2_checkpoint_resumes_with_the_same_selection(fsdp2_run, scenario):
     """A sharded checkpoint resumes with the heads it was trained with, not the ones the new config would pick."""
     from transformers import AutoModelForCausalLM
 
-    from alps_trl.selection import HeadSelection, num_selected, select_random
+    from alps_trl.localization.selection import HeadSelection, num_selected, select_random
 
     run = fsdp2_run / scenario
     checkpoint = run / "checkpoint-2"

@@ -16,9 +16,9 @@ from trainer_helpers import (
     tiny_tokenizer,
 )
 
-from alps_trl.dpo_trainer import AlpsDPOTrainer
-from alps_trl.reference import AlpsReferenceModel
-from alps_trl.selection import HeadSelection
+from alps_trl.localization.selection import HeadSelection
+from alps_trl.trainers.dpo import AlpsDPOTrainer
+from alps_trl.trainers.reference import AlpsReferenceModel
 
 HARD = dict(weight_decay=0.1, gradient_accumulation_steps=2, max_grad_norm=1.0, max_steps=3)
 SELECTION = HeadSelection(2, 8, 2, [(0, 2), (1, 5)], head_dim=8, hidden_size=64, model_type="llama")
@@ -132,7 +132,7 @@ def test_precompute_needs_map_style_data():
 
     from datasets import Dataset
 
-    from alps_trl.dpo_trainer import _can_precompute
+    from alps_trl.trainers.dpo import _can_precompute
 
     in_memory = Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]})
     streamed = in_memory.to_iterable_dataset()

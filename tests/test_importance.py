@@ -1,6 +1,6 @@
 """Data-driven head importance (`alps_metric="importance"`): the definition, the trainers, two processes.
 
-The brute force below shares no code with `alps_trl.importance`: it multiplies the gates into o_proj's weight
+The brute force below shares no code with `localization.importance`: it multiplies the gates into o_proj's weight
 columns (not its input, no hooks) and differentiates a float64 loss per batch with `torch.func.functional_call`.
 (Finite differences are too coarse here: the models' RMSNorm computes in float32 even in a float64 model.)
 """
@@ -26,11 +26,11 @@ from trainer_helpers import (
 )
 
 from alps_trl import head_importance
-from alps_trl.anatomy import AttentionLayout
-from alps_trl.config import IMPORTANCE_MAX_BATCHES, AlpsArguments, planned_importance_batches
-from alps_trl.dpo_trainer import AlpsDPOTrainer
-from alps_trl.importance import importance_selection
-from alps_trl.sft_trainer import AlpsSFTTrainer
+from alps_trl.localization.anatomy import AttentionLayout
+from alps_trl.localization.importance import importance_selection
+from alps_trl.trainers.config import IMPORTANCE_MAX_BATCHES, AlpsArguments, planned_importance_batches
+from alps_trl.trainers.dpo import AlpsDPOTrainer
+from alps_trl.trainers.sft import AlpsSFTTrainer
 
 ARCHS = {
     "llama-gqa": ("llama", {}),
@@ -194,7 +194,7 @@ def test_bad_options_are_refused_before_training(tmp_path):
 def test_sharded_backends_are_refused():
     from types import SimpleNamespace
 
-    from alps_trl.trainer_mixin import AlpsTrainerMixin
+    from alps_trl.trainers.mixin import AlpsTrainerMixin
 
     for fsdp, deepspeed in ((True, False), (False, True)):
         trainer = SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=deepspeed)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from localize_helpers import copy_model, perturb_kv_group, perturb_query_heads
 
-from alps_trl.localize import localize_heads
-from alps_trl.selection import HeadSelection
-from alps_trl.tiny import tiny_model
+from alps_trl.localization.localize import localize_heads
+from alps_trl.localization.selection import HeadSelection
+from alps_trl.testing import tiny_model
 
 # (arch, overrides): GQA llama, MHA llama (KV == H), qwen2 (q/k/v biases), phi3 (fused qkv_proj), qwen3 (q/k norms).
 LAYOUTS = {

@@ -12,9 +12,9 @@ from localize_helpers import copy_model, perturb_query_heads
 from safetensors.torch import load_file, save_file
 
 from alps_trl.cli.localize import THREAD_VARIABLES, main
-from alps_trl.scoring import cuda_impossible
-from alps_trl.selection import HeadSelection, HeadSelectionError
-from alps_trl.tiny import tiny_model
+from alps_trl.localization.scoring import cuda_impossible
+from alps_trl.localization.selection import HeadSelection, HeadSelectionError
+from alps_trl.testing import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

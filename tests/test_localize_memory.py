@@ -33,7 +33,7 @@ SCORE = (
     + r"""
 import json, sys
 import torch
-from alps_trl.scoring import score_heads
+from alps_trl.localization.scoring import score_heads
 before = status_kb("VmRSS")
 scores = score_heads(sys.argv[1], sys.argv[2], device="cpu")
 after = status_kb("VmHWM")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from alps_trl.restriction import build_restriction
 from alps_trl.restriction.delta import load_delta_file, merge_delta_checkpoint
-from alps_trl.tiny import tiny_model
+from alps_trl.testing import tiny_model
 
 
 @pytest.fixture(scope="module")

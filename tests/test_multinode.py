@@ -20,7 +20,7 @@ pytestmark = pytest.mark.distributed
 def test_two_nodes_on_loopback_rendezvous_train_and_save_once(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from alps_trl.selection import HeadSelection
+    from alps_trl.localization.selection import HeadSelection
 
     out = tmp_path / "out"
     port = free_port()

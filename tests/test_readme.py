@@ -289,7 +289,7 @@ def check_sbatch(argv: list[str], env: dict[str, str], tmp_path) -> None:
 
 def check_alps_merge(argv: list[str]) -> None:
     from alps_trl.cli.merge import build_parser
-    from alps_trl.trainer_mixin import DELTA_FILE
+    from alps_trl.trainers.mixin import DELTA_FILE
 
     ns = build_parser().parse_args(argv[1:])
     assert ns.base in _models()
@@ -364,7 +364,7 @@ def test_options_table_matches_the_dataclass():
     import dataclasses
     import sys
 
-    from alps_trl.config import AlpsArguments
+    from alps_trl.trainers.config import AlpsArguments
 
     sys.path.insert(0, os.path.join(REPO, "docs"))
     try:

@@ -21,9 +21,11 @@ import pytest
 import torch
 from real_model import plant_gguf_rows
 
-from alps_trl.gguf import convert_gguf, converted_dir, is_converted, strip_gguf_quantizer
-from alps_trl.selection import HeadSelection
-from alps_trl.weights import open_weight_source
+from alps_trl.localization.gguf import convert_gguf, converted_dir, is_converted, strip_gguf_quantizer
+from alps_trl.localization.selection import HeadSelection
+from alps_trl.localization.weights import open_weight_source
+
+pytestmark = pytest.mark.usefixtures("all_cores")
 
 # Planted in the task copy: single query heads (layer, head), and every head of kv group 1 of layer 25 through its
 # k rows (heads 3, 4, 5 share that group).
@@ -129,8 +131,8 @@ def _args(kind: str, out, mode: str, train_rest: bool):
 
 
 def _selection(model) -> HeadSelection:
-    from alps_trl.anatomy import AttentionLayout
-    from alps_trl.selection import selection_for_layout
+    from alps_trl.localization.anatomy import AttentionLayout
+    from alps_trl.localization.selection import selection_for_layout
 
     layout = AttentionLayout.from_model(model)
     return selection_for_layout(
@@ -208,7 +210,7 @@ def test_merged_export_generates_the_same_tokens(smollm2_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alps_trl import AlpsSFTTrainer
-    from alps_trl.generation_eval import generate_answers
+    from alps_trl.recipes.generation_eval import generate_answers
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)

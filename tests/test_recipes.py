@@ -20,7 +20,7 @@ from recipe_helpers import (
     split_command,
 )
 
-from alps_trl import recipe_utils
+from alps_trl.recipes import arguments as recipe_utils
 
 RECIPES = recipe_yamls()
 PAPER_SFT = [r for r in RECIPES if "/dpo/" not in r]
@@ -258,13 +258,46 @@ def test_flash_attention_falls_back_to_sdpa_with_one_warning(monkeypatch, caplog
 
     if torch.cuda.is_available():
         pytest.skip("the fallback is for machines without CUDA/flash-attn")
-    monkeypatch.setattr(recipe_utils, "_attn_fallback_warned", False)
-    with caplog.at_level(logging.WARNING, logger="alps_trl.recipe_utils"):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="alps_trl.recipes.arguments"):
         assert recipe_utils.resolve_attn_implementation("flash_attention_2") == "sdpa"
         assert recipe_utils.resolve_attn_implementation("flash_attention_2") == "sdpa"
     assert sum("flash_attention_2" in r.getMessage() for r in caplog.records) == 1
     assert recipe_utils.resolve_attn_implementation("eager") == "eager"
     assert recipe_utils.resolve_attn_implementation(None) is None
+
+
+def test_flash_attention_on_a_gpu_older_than_it_supports_falls_back(monkeypatch, caplog):
+    """A T4 (compute capability 7.5) with flash-attn installed: FA2 needs Ampere (8.0); sdpa, with the reason."""
+    import torch
+    import transformers.utils
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    hf_logging.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="alps_trl.recipes.arguments"):
+        assert recipe_utils.resolve_attn_implementation("flash_attention_2") == "sdpa"
+    assert "Tesla T4 has compute capability 7.5, and flash_attention_2 needs 8.0 or newer" in caplog.text
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert recipe_utils.resolve_attn_implementation("flash_attention_2") == "flash_attention_2"
+
+
+def test_bf16_on_a_gpu_without_bf16_stops_with_what_to_change(monkeypatch):
+    """`bf16: true` (as in a recipe YAML) on a GPU before Ampere stops before any work, saying what to set."""
+    import transformers.training_args as ta
+
+    monkeypatch.setattr(ta, "is_torch_bf16_gpu_available", lambda: False)
+    monkeypatch.setattr(ta, "is_torch_cuda_available", lambda: True)
+    with pytest.raises(SystemExit) as exc:
+        parse_script_args(
+            "recipes/sft_alps.py", ["--model_name_or_path", "some/model", "--bf16", "true", "--use_cpu", "false"]
+        )
+    assert "--bf16 false --fp16 true" in str(exc.value)
 
 
 def test_kbit_device_map_and_model_init_kwargs():

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from alps_trl.restriction import DeltaRestriction, build_restriction
 from alps_trl.restriction.delta import HeadDelta, merge_state_dict
-from alps_trl.tiny import tiny_model
+from alps_trl.testing import tiny_model
 
 
 def _installed(arch="llama", **kwargs):

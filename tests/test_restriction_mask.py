@@ -6,9 +6,9 @@ import pytest
 import torch
 from restriction_helpers import assert_restricted, batch, selection_for, snapshot, train
 
+from alps_trl.localization.selection import HeadSelectionError
 from alps_trl.restriction import MaskRestriction, build_restriction, resolve_mode
-from alps_trl.selection import HeadSelectionError
-from alps_trl.tiny import tiny_model
+from alps_trl.testing import tiny_model
 
 
 def _installed(arch="llama", **kwargs):

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 from alps_trl.restriction import DeltaRestriction, MaskRestriction, build_restriction, resolve_mode  # noqa: E402
 from alps_trl.restriction.delta import merge_delta_checkpoint  # noqa: E402
-from alps_trl.tiny import tiny_model  # noqa: E402
+from alps_trl.testing import tiny_model  # noqa: E402
 
 
 def _load_4bit(path, device):
@@ -74,7 +74,7 @@ def _run(tmp_path, device):
 
 
 def _layout_and_selection(model):
-    from alps_trl.anatomy import AttentionLayout
+    from alps_trl.localization.anatomy import AttentionLayout
 
     return AttentionLayout.from_model(model), selection_for(model)
 

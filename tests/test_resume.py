@@ -14,9 +14,9 @@ from trainer_helpers import (
     tiny_tokenizer,
 )
 
-from alps_trl import probe
-from alps_trl.selection import HeadSelection
-from alps_trl.sft_trainer import AlpsSFTTrainer
+from alps_trl.localization.selection import HeadSelection
+from alps_trl.trainers import probe
+from alps_trl.trainers.sft import AlpsSFTTrainer
 
 RUN = dict(weight_decay=0.1, gradient_accumulation_steps=2, max_grad_norm=1.0, max_steps=4, save_strategy="steps",
            save_steps=2, alps_probe_steps=1)  # fmt: skip
@@ -47,7 +47,9 @@ def test_resume_reuses_selection_and_matches_uninterrupted_run(arch, mode, tmp_p
 
     monkeypatch.setattr(probe, "run_probe", no_probe)
     base = qkv_snapshot(tiny_model(arch))
-    resumed = _trainer(arch, tmp_path / "resumed", alps_mode=mode)
+    # As TRL's scripts resume: the checkpoint in the arguments (the constructor restores its heads) and in train().
+    resumed = _trainer(arch, tmp_path / "resumed", alps_mode=mode, resume_from_checkpoint=str(checkpoint))
+    assert resumed.head_selection == first.head_selection
     resumed.train(resume_from_checkpoint=str(checkpoint))
 
     assert resumed._alps_source == "checkpoint"
@@ -96,9 +98,9 @@ def test_load_best_model_at_end_in_delta_mode(tmp_path):
 def test_resume_with_other_alps_options_keeps_the_saved_heads_and_warns(tmp_path):
     from transformers.testing_utils import CaptureLogger
 
-    from alps_trl import head_sources
-    from alps_trl.anatomy import AttentionLayout
-    from alps_trl.config import AlpsArguments
+    from alps_trl.localization.anatomy import AttentionLayout
+    from alps_trl.trainers import head_sources
+    from alps_trl.trainers.config import AlpsArguments
 
     model = tiny_model("llama")
     layout = AttentionLayout.from_model(model)
@@ -116,7 +118,7 @@ def test_resume_with_other_alps_options_keeps_the_saved_heads_and_warns(tmp_path
 
 
 def test_resume_in_another_alps_mode_is_refused_before_loading(tmp_path):
-    from alps_trl.checkpoints import DELTA_FILE, check_resume_mode
+    from alps_trl.trainers.checkpoints import DELTA_FILE, check_resume_mode
 
     delta_run, mask_run, sharded = tmp_path / "delta", tmp_path / "mask", tmp_path / "sharded"
     for directory in (delta_run, mask_run, sharded / "pytorch_model_fsdp_0"):
@@ -129,3 +131,35 @@ def test_resume_in_another_alps_mode_is_refused_before_loading(tmp_path):
     check_resume_mode(str(delta_run), "delta")
     check_resume_mode(str(mask_run), "mask")
     check_resume_mode(str(sharded), "delta")  # FSDP sharded checkpoints keep the deltas by parameter name
+
+
+@pytest.mark.parametrize("mode", ["mask", "delta"])
+def test_train_resume_swaps_in_the_checkpoint_selection(mode, tmp_path):
+    """A trainer built without the checkpoint in its arguments (here: random heads) and then
+    train(resume_from_checkpoint=...) trains the checkpoint's heads, restricted as they were."""
+    out = tmp_path / "run"
+    first = _trainer("llama", out, alps_mode=mode)
+    first.train()
+    base = qkv_snapshot(tiny_model("llama"))
+    resumed = _trainer("llama", tmp_path / "resumed", alps_mode=mode, alps_strategy="random", alps_seed=7)
+    constructed = resumed.head_selection
+    assert constructed != first.head_selection
+    trainable_before = sum(p.numel() for p in resumed.model.parameters() if p.requires_grad)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert resumed._alps_source == "checkpoint"
+    assert resumed.head_selection == first.head_selection
+    assert HeadSelection.load(tmp_path / "resumed" / "alps_heads.json") == first.head_selection
+    assert not [n for n, _ in resumed.model.named_modules() if n.count("alps_delta") > 1]
+    if mode == "mask":
+        assert_restricted(base, resumed.model, resumed.head_selection)
+    else:
+        assert trainable_before > 0
+
+
+def test_selection_of_a_trained_trainer_cannot_be_swapped(tmp_path):
+    first = _trainer("llama", tmp_path / "run", max_steps=2)
+    first.train()
+    other = _trainer("llama", tmp_path / "other", alps_strategy="random", alps_seed=7, max_steps=2)
+    other.train()
+    with pytest.raises(ValueError, match="Build a new trainer"):
+        other.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))

@@ -5,10 +5,10 @@ import pytest
 import torch
 from localize_helpers import brute_force_scores, copy_model, perturb_kv_group, perturb_query_heads
 
-from alps_trl import scoring
-from alps_trl.scoring import check_same_shape, distribution_distance, head_logits, score_heads
-from alps_trl.tiny import tiny_model
-from alps_trl.weights import open_weight_source
+from alps_trl.localization import scoring
+from alps_trl.localization.scoring import check_same_shape, distribution_distance, head_logits, score_heads
+from alps_trl.localization.weights import open_weight_source
+from alps_trl.testing import tiny_model
 
 
 @pytest.fixture(scope="module")

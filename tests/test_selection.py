@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from alps_trl.anatomy import AttentionLayout
-from alps_trl.selection import (
+from alps_trl.localization.anatomy import AttentionLayout
+from alps_trl.localization.selection import (
     FORMAT_VERSION,
     HeadSelection,
     HeadSelectionError,
@@ -17,7 +17,7 @@ from alps_trl.selection import (
     select_top_k,
     validate_ratio,
 )
-from alps_trl.tiny import tiny_config
+from alps_trl.testing import tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

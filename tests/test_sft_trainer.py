@@ -18,8 +18,8 @@ from trainer_helpers import (
 )
 from transformers import TrainerCallback
 
-from alps_trl.selection import HeadSelection
-from alps_trl.sft_trainer import AlpsSFTTrainer
+from alps_trl.localization.selection import HeadSelection
+from alps_trl.trainers.sft import AlpsSFTTrainer
 
 # The properties the design promises hold under AdamW decay, gradient accumulation and clipping.
 HARD = dict(weight_decay=0.1, gradient_accumulation_steps=2, max_grad_norm=1.0, max_steps=3)
@@ -278,3 +278,29 @@ def test_frozen_rows_with_other_optimizers_and_precisions(args, trainer_kwargs, 
     trainer.train()
     assert trainer.state.global_step >= 2
     assert_restricted(qkv, trainer.model, selection)
+
+
+@pytest.mark.parametrize("mode", ["mask", "delta"])
+def test_construction_localizes_and_installs(mode, tmp_path, monkeypatch):
+    """After the constructor: the selection is there, reading it computes nothing, and counting requires_grad
+    parameters (as users check a PEFT setup) gives what will train."""
+    from alps_trl.trainers import probe
+
+    args = sft_config(str(tmp_path), alps_mode=mode, alps_train_non_attention=False, alps_probe_steps=1)
+    trainer = AlpsSFTTrainer(
+        model=tiny_model(), args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer()
+    )
+    monkeypatch.setattr(probe, "run_probe", lambda *a, **k: pytest.fail("reading head_selection ran the probe"))
+    selection = trainer.head_selection
+    assert selection is not None and trainer.restriction is not None
+    assert (tmp_path / "alps_heads.json").is_file()
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    layout = trainer._alps_layout
+    if mode == "delta":
+        assert trainable == trainer.restriction.trainable_restricted_entries()
+    else:  # whole q/k/v tensors that hold a selected row take gradients; the rest of the network is frozen
+        qkv = {n for lp in layout.layers for n in lp.qkv_tensor_names()}
+        expected = sum(p.numel() for n, p in trainer.model.named_parameters() if n in qkv and p.requires_grad)
+        assert trainable == expected > 0
+    trainer.train()
+    assert trainer.head_selection == selection

@@ -6,8 +6,8 @@ import pytest
 import torch
 from trainer_helpers import save_tiny_model, sft_config, sft_dataset, tiny_model, tiny_tokenizer
 
-from alps_trl.selection import HeadSelection
-from alps_trl.sft_trainer import AlpsSFTTrainer
+from alps_trl.localization.selection import HeadSelection
+from alps_trl.trainers.sft import AlpsSFTTrainer
 
 
 def _build(tmp_path, model=None, head_selection=None, **overrides):
@@ -68,9 +68,12 @@ def test_nothing_to_localize_from(tmp_path):
         _build(tmp_path, alps_probe_steps=0)
 
 
-def test_random_strategy_needs_no_probe(tmp_path):
+def test_random_strategy_needs_no_probe(tmp_path, monkeypatch):
+    from alps_trl.trainers import probe
+
+    monkeypatch.setattr(probe, "run_probe", pytest.fail)
     trainer = _build(tmp_path, alps_probe_steps=0, alps_strategy="random", alps_seed=3)
-    assert trainer._alps_source is None  # nothing computed before it is needed
+    assert trainer._alps_source == "random"
     assert len(trainer.head_selection.heads) == 2 and trainer.head_selection.strategy == "random"
 
 
@@ -83,7 +86,7 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_mask_mode_under_deepspeed_is_refused():
-    from alps_trl.trainer_checks import refuse_deepspeed_mask
+    from alps_trl.trainers.checks import refuse_deepspeed_mask
 
     args = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3))
     with pytest.raises(ValueError, match="alps_mode='delta'"):
@@ -98,7 +101,7 @@ def test_resume_with_a_different_selection_is_refused(tmp_path):
     HeadSelection(2, 8, 2, [(1, 7), (1, 6), (0, 0)], head_dim=8, hidden_size=64, model_type="llama").save(
         checkpoint / "alps_heads.json"
     )
-    trainer.head_selection  # noqa: B018 - installs the random selection
+    trainer.state.global_step = 1  # as if it had trained its random heads already
     with pytest.raises(ValueError, match="other ALPS heads"):
         trainer._alps_setup(str(checkpoint))
 
@@ -117,7 +120,7 @@ def test_optimizer_instance_is_refused(tmp_path):
 
 
 def test_fsdp1_is_refused():
-    from alps_trl.trainer_checks import refuse_fsdp1
+    from alps_trl.trainers.checks import refuse_fsdp1
 
     def fake(version):
         state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version))
@@ -130,7 +133,7 @@ def test_fsdp1_is_refused():
 
 
 def test_row_mixing_optimizers_are_refused_in_mask_mode(tmp_path):
-    from alps_trl.trainer_checks import refuse_mask_optimizer
+    from alps_trl.trainers.checks import refuse_mask_optimizer
 
     for optim in ("galore_adamw", "galore_adafactor_layerwise", "apollo_adamw", "adalomo"):
         with pytest.raises(ValueError, match="alps_mode='delta'"):
@@ -147,13 +150,50 @@ def test_row_mixing_optimizers_are_refused_in_mask_mode(tmp_path):
                        optimizer_cls_and_kwargs=(torch.optim.ASGD, {}))  # fmt: skip
 
 
-def test_resume_true_without_checkpoint_fails_before_localizing(tmp_path, monkeypatch):
-    from alps_trl import probe
-
-    def no_probe(*args, **kwargs):
-        raise AssertionError("localization ran although there is nothing to resume from")
-
-    monkeypatch.setattr(probe, "run_probe", no_probe)
+def test_resume_true_without_checkpoint_fails_before_training(tmp_path):
     trainer = _build(tmp_path)
     with pytest.raises(ValueError, match="No valid checkpoint found"):
         trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 0
+
+
+def test_resume_true_in_the_arguments_without_checkpoint_localizes_afresh(tmp_path):
+    """Scripts pass --resume_from_checkpoint True on every launch; the first launch has nothing to resume yet."""
+    trainer = _build(tmp_path, resume_from_checkpoint=True, alps_strategy="random")
+    assert trainer._alps_source == "random" and trainer.head_selection is not None
+
+
+def test_scoring_runs_on_the_training_device(tmp_path, monkeypatch):
+    from alps_trl.localization import localize
+
+    seen = []
+    original = localize.localize_heads
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(localize, "localize_heads", recording)
+    trainer = _build(tmp_path, alps_probe_steps=1)
+    assert seen == [trainer.args.device]
+
+
+def test_skipped_fp16_step_applies_no_weight_decay(tmp_path):
+    """fp16 loss scaling skips a step with an overflowed gradient; the selected rows' own decay must skip it too."""
+    from alps_trl.trainers.mixin import AlpsCallback
+
+    trainer = _build(tmp_path, alps_mode="mask", weight_decay=0.5, learning_rate=0.1, alps_probe_steps=1)
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    params[0].grad[0, 0] = float("inf")
+    callback = AlpsCallback(trainer)
+    callback.on_pre_optimizer_step(trainer.args, trainer.state, trainer.control)
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), f"{n} decayed on a skipped step"
+    params[0].grad.zero_()  # finite gradients: the decay applies
+    callback.on_pre_optimizer_step(trainer.args, trainer.state, trainer.control)
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in trainer.model.named_parameters())

@@ -11,8 +11,8 @@ import pytest
 import torch
 from trainer_helpers import save_tiny_model, sft_config, sft_dataset, tiny_model, tiny_tokenizer
 
-from alps_trl.selection import HeadSelection
-from alps_trl.sft_trainer import AlpsSFTTrainer
+from alps_trl.localization.selection import HeadSelection
+from alps_trl.trainers.sft import AlpsSFTTrainer
 
 bnb = pytest.importorskip("bitsandbytes")
 

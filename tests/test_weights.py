@@ -9,10 +9,10 @@ import torch
 from localize_helpers import copy_model, perturb_query_heads
 from safetensors.torch import load_file, save_file
 
-from alps_trl.anatomy import UnsupportedArchitectureError
-from alps_trl.scoring import score_heads
-from alps_trl.tiny import tiny_model
-from alps_trl.weights import WeightSource, bf16_to_float32, open_weight_source
+from alps_trl.localization.anatomy import UnsupportedArchitectureError
+from alps_trl.localization.scoring import score_heads
+from alps_trl.localization.weights import WeightSource, bf16_to_float32, open_weight_source
+from alps_trl.testing import tiny_model
 
 
 @pytest.fixture(scope="module")

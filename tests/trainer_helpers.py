@@ -29,7 +29,7 @@ def tiny_tokenizer():
     """The locally trained byte-level BPE tokenizer (vocab 512, pad 0, eos 1), built once per process."""
     global _TOKENIZER
     if _TOKENIZER is None:
-        from alps_trl.tiny import build_tokenizer
+        from alps_trl.testing import build_tokenizer
 
         _TOKENIZER = build_tokenizer(CORPUS, vocab_size=512)
     return _TOKENIZER
@@ -57,7 +57,7 @@ def dpo_dataset(n: int = 16):
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A tiny random causal LM (d=64, 2 layers, 8 heads, 2 kv heads) in float32."""
-    from alps_trl.tiny import tiny_model as _tiny
+    from alps_trl.testing import tiny_model as _tiny
 
     return _tiny(arch, seed=seed, **overrides)
 
@@ -95,7 +95,7 @@ def sft_config(output_dir: str, alps: bool = True, **overrides: Any):
     """An `AlpsSFTConfig` (or a plain `trl.SFTConfig` with alps=False) for tiny runs (max_length 48)."""
     from trl import SFTConfig
 
-    from alps_trl.config import AlpsSFTConfig
+    from alps_trl.trainers.config import AlpsSFTConfig
 
     cls = AlpsSFTConfig if alps else SFTConfig
     kwargs = common_args(output_dir, max_length=48)
@@ -107,7 +107,7 @@ def dpo_config(output_dir: str, alps: bool = True, **overrides: Any):
     """An `AlpsDPOConfig` (or a plain `trl.DPOConfig` with alps=False) for tiny runs (max_length 48)."""
     from trl import DPOConfig
 
-    from alps_trl.config import AlpsDPOConfig
+    from alps_trl.trainers.config import AlpsDPOConfig
 
     cls = AlpsDPOConfig if alps else DPOConfig
     kwargs = common_args(output_dir, max_length=48)
@@ -117,7 +117,7 @@ def dpo_config(output_dir: str, alps: bool = True, **overrides: Any):
 
 def qkv_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Clones of every attention q/k/v weight and bias, keyed by parameter name."""
-    from alps_trl.anatomy import AttentionLayout
+    from alps_trl.localization.anatomy import AttentionLayout
 
     layout = AttentionLayout.from_model(model)
     params = dict(model.named_parameters())
@@ -130,7 +130,7 @@ def qkv_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def selected_row_mask(model: torch.nn.Module, selection, name: str) -> torch.Tensor:
     """bool [rows]: True for rows of tensor `name` that belong to a selected head (q) or its kv group (k/v)."""
-    from alps_trl.anatomy import AttentionLayout
+    from alps_trl.localization.anatomy import AttentionLayout
 
     layout = AttentionLayout.from_model(model)
     mask = torch.zeros(dict(model.named_parameters())[name].shape[0], dtype=torch.bool)

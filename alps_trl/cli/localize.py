@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, start: float) -> int:
-    from alps_trl.selection import HeadSelectionError, validate_ratio
+    from alps_trl.localization.selection import HeadSelectionError, validate_ratio
 
     try:
         validate_ratio(args.ratio)
@@ -135,8 +135,8 @@ def _run(args: argparse.Namespace, start: float) -> int:
         print(f"alps-localize: error: {err}", file=sys.stderr)
         return 2
 
-    from alps_trl.localize import localize_heads
-    from alps_trl.scoring import open_pair
+    from alps_trl.localization.localize import localize_heads
+    from alps_trl.localization.scoring import open_pair
 
     try:
         base, task = open_pair(args.base, args.task, trust_remote_code=args.trust_remote_code)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from alps_trl.anatomy import AttentionLayout
+from alps_trl.localization.anatomy import AttentionLayout
+from alps_trl.localization.selection import HeadSelection
 from alps_trl.restriction.base import Restriction, is_quantized
 from alps_trl.restriction.delta import DeltaRestriction, merge_delta_checkpoint
 from alps_trl.restriction.mask import MaskRestriction
-from alps_trl.selection import HeadSelection
 
 MODES = ("auto", "mask", "delta")
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from alps_trl.anatomy import AttentionLayout, unwrap_model
+from alps_trl.localization.anatomy import AttentionLayout, unwrap_model
+from alps_trl.localization.selection import HeadSelection
 from alps_trl.restriction.rows import RestrictedTensor, restricted_tensors
-from alps_trl.selection import HeadSelection
 
 # Name of the child module that holds a projection's delta parameters (delta mode).
 DELTA_MARKER = ".alps_delta."
@@ -32,7 +32,7 @@ def is_quantized(model: torch.nn.Module) -> bool:
 
     A model loaded from a GGUF file is not: transformers dequantizes its weights into float ``nn.Linear`` layers.
     """
-    from alps_trl.gguf import is_gguf_model
+    from alps_trl.localization.gguf import is_gguf_model
 
     inner = unwrap_model(model)
     if is_gguf_model(inner):  # dequantized on load: plain float nn.Linear weights
@@ -87,6 +87,20 @@ class Restriction:
     def install(self, model: torch.nn.Module) -> None:
         """Set requires_grad (and, in delta mode, add the delta parameters) on the unwrapped model."""
         raise NotImplementedError
+
+    def uninstall(self, model: torch.nn.Module) -> None:
+        """Undo `install` on a model that has not trained yet: hooks and added parameters removed, every
+        requires_grad flag as it was before `install`. Lets a trainer swap in a checkpoint's selection."""
+        raise NotImplementedError
+
+    def _record_flags(self, model: torch.nn.Module) -> None:
+        self._flags_before = {n: p.requires_grad for n, p in unwrap_model(model).named_parameters()}
+
+    def _restore_flags(self, model: torch.nn.Module) -> None:
+        for name, param in unwrap_model(model).named_parameters():
+            if name in getattr(self, "_flags_before", {}):
+                param.requires_grad_(self._flags_before[name])
+        self._installed = False
 
     def attach(self, model: torch.nn.Module) -> None:
         """Register per-step machinery on the prepared (possibly DDP/FSDP2-wrapped) model. Idempotent."""

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from alps_trl.anatomy import unwrap_model
+from alps_trl.localization.anatomy import unwrap_model
 from alps_trl.restriction.base import Restriction, is_quantized
 from alps_trl.restriction.delta_checkpoint import (
     DELTA_SUFFIX,
@@ -150,7 +150,6 @@ class DeltaRestriction(Restriction):
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         # module name -> (weight target, bias target or None)
         self._projections: dict[str, tuple[RestrictedTensor, RestrictedTensor | None]] = {}
-        self._requires_grad_before: dict[str, bool] = {}
         self._quantized = False
         self._merged = False
 
@@ -161,7 +160,7 @@ class DeltaRestriction(Restriction):
         inner = unwrap_model(model)
         self._quantized = is_quantized(inner)
         params = dict(inner.named_parameters())
-        self._requires_grad_before = {n: p.requires_grad for n, p in params.items()}
+        self._record_flags(inner)
         if self._quantized and self.train_non_attention:
             logger.warning(
                 "ALPS delta mode on a quantized base: the quantized weights cannot train, so every base parameter "
@@ -274,12 +273,23 @@ class DeltaRestriction(Restriction):
                         "use alps_trl.restriction.delta.merge_state_dict(state_dict, delta_state_dict)."
                     )
                 base.data.copy_(apply_delta(base.data, value.detach(), delta.index, delta.dim))
-            self._handles.pop(module_name).remove()
-            delattr(module, DELTA_CHILD)
-        for name, param in inner.named_parameters():
-            if name in self._requires_grad_before:
-                param.requires_grad_(self._requires_grad_before[name])
+        self._remove_deltas(inner)
+        self._restore_flags(inner)
+        self._installed = True  # merged: the saving helpers still answer
         self._merged = True
+
+    def uninstall(self, model: torch.nn.Module) -> None:
+        if self._merged:
+            raise RuntimeError("The deltas were merged into the base weights already; nothing to uninstall.")
+        inner = unwrap_model(model)
+        self._remove_deltas(inner)
+        self._restore_flags(inner)
+        self._projections.clear()
+
+    def _remove_deltas(self, inner: torch.nn.Module) -> None:
+        for module_name in self._projections:
+            self._handles.pop(module_name).remove()
+            delattr(inner.get_submodule(module_name), DELTA_CHILD)
 
     def delta_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Trained deltas as CPU tensors keyed by base tensor name (see module docstring).

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from alps_trl.anatomy import AttentionLayout
-from alps_trl.selection import HeadSelection
+from alps_trl.localization.anatomy import AttentionLayout
+from alps_trl.localization.selection import HeadSelection
 
 logger = logging.get_logger(__name__)
 

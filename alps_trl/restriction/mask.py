@@ -22,7 +22,7 @@ from functools import partial
 import torch
 from transformers.utils import logging
 
-from alps_trl.anatomy import unwrap_model
+from alps_trl.localization.anatomy import unwrap_model
 from alps_trl.restriction.base import Restriction, is_quantized
 from alps_trl.restriction.rows import LocalPlan, RestrictedTensor, is_dtensor, local_tensor, plan_for
 
@@ -72,6 +72,7 @@ class MaskRestriction(Restriction):
         missing = [t.name for t in self.targets if t.name not in params]
         if missing:
             raise ValueError(f"The model has no parameter {missing[0]!r} that its attention layout names.")
+        self._record_flags(model)
         if not self.train_non_attention:
             self._freeze_non_attention(model, {t.name for t in self.targets})
         self._snapshots.clear()
@@ -84,6 +85,12 @@ class MaskRestriction(Restriction):
                 self._snapshots[t.name] = full.detach().index_select(t.dim, t.selected.to(full.device)).clone()
         self._plans.clear()
         self._installed = True
+
+    def uninstall(self, model: torch.nn.Module) -> None:
+        self.detach()
+        self._snapshots.clear()
+        self._plans.clear()
+        self._restore_flags(model)
 
     def attach(self, model: torch.nn.Module) -> None:
         """Register post-accumulate-grad hooks on the prepared model's restricted parameters.

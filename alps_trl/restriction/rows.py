@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from alps_trl.anatomy import AttentionLayout, RowBlock
-from alps_trl.selection import HeadSelection
+from alps_trl.localization.anatomy import AttentionLayout, RowBlock
+from alps_trl.localization.selection import HeadSelection
 
 
 @dataclass(frozen=True)

@@ -235,7 +235,7 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 
 def _tokenizer_corpus(sft_rows: list[dict], dpo_rows: list[dict]) -> list[str]:
     """Text the tokenizer is trained on: the rows as the recipes render them (Alpaca template)."""
-    from alps_trl.data import alpaca_prompt
+    from alps_trl.recipes.data import alpaca_prompt
 
     texts = [alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in sft_rows]
     for r in dpo_rows:
@@ -246,7 +246,7 @@ def _tokenizer_corpus(sft_rows: list[dict], dpo_rows: list[dict]) -> list[str]:
 
 def build(out_dir: str) -> list[str]:
     """Write all assets under `out_dir`; returns the relative paths written."""
-    from alps_trl.tiny import build_tokenizer
+    from alps_trl.testing import build_tokenizer
 
     rng = random.Random(SEED)
     sft = [_sft_example(rng) for _ in range(sum(NUM_SFT))]

@@ -51,7 +51,10 @@ SCENARIOS = {
     # No selection given: alps_metric="importance" localizes on each rank's share of the training batches.
     "sft-importance": ("sft", "mask", True),
     "dpo-importance": ("dpo", "mask", False),
+    # No selection given, strategy top_k: the probe, each rank on its own share of the batches.
+    "sft-probe": ("sft", "delta", True),
 }
+PROBE_STEPS = 2
 IMPORTANCE_BATCHES = 2  # per rank
 HEADS = [(0, 1), (1, 6)]
 RESUME_FROM = 2  # the resume scenario saves every RESUME_FROM steps and resumes from checkpoint-RESUME_FROM
@@ -72,11 +75,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--save", action="store_true", help="save the final model to <scenario>/final")
     parser.add_argument("--mismatch", action="store_true", help="give rank 1 another head selection (must fail)")
+    parser.add_argument(
+        "--writer-only-save",
+        action="store_true",
+        help="make Trainer.save_model call _save on the writing process only (as earlier transformers did)",
+    )
     return parser.parse_args(argv)
 
 
 def selection_for(heads):
-    from alps_trl.selection import HeadSelection
+    from alps_trl.localization.selection import HeadSelection
 
     return HeadSelection(2, 8, 2, heads, head_dim=8, hidden_size=64, model_type="llama", strategy="fixed")
 
@@ -92,7 +100,7 @@ def dataset_for(base: str, kind: str, in_memory: bool = False):
 def make_config(
     kind: str, mode: str, non_attention: bool, out: str, steps: int, strategy: str | None, save: bool, **alps
 ):
-    from alps_trl.config import AlpsDPOConfig, AlpsSFTConfig
+    from alps_trl.trainers.config import AlpsDPOConfig, AlpsSFTConfig
 
     common = dict(
         output_dir=out,
@@ -159,7 +167,7 @@ def load_base(path: str, four_bit: bool = False, dtype: torch.dtype = torch.floa
 
 def full_tensors(model) -> dict[str, torch.Tensor]:
     """All parameters as full CPU tensors (FSDP2 DTensors and ZeRO-3 partitions gathered: a collective)."""
-    from alps_trl.anatomy import unwrap_model
+    from alps_trl.localization.anatomy import unwrap_model
 
     params = list(unwrap_model(model).named_parameters())
     gather = contextlib.nullcontext()
@@ -212,9 +220,7 @@ def check_rows(base: dict, final: dict, rows: dict[str, list[int]]) -> dict:
 
 def record_importance(scored: dict[str, list]) -> None:
     """Wrap `head_importance` so this rank's report holds its own (pre-reduction) scores and a digest per batch."""
-    import hashlib
-
-    import alps_trl.importance as importance
+    import alps_trl.localization.importance as importance
 
     # The unwrapped function: a launch with several importance scenarios records each into its own report only.
     original = getattr(importance.head_importance, "unwrapped", importance.head_importance)
@@ -222,10 +228,7 @@ def record_importance(scored: dict[str, list]) -> None:
     def recording(model, batches, **kwargs):
         batches = list(batches)
         for batch in batches:
-            h = hashlib.sha256()
-            for key in sorted(k for k, v in batch.items() if torch.is_tensor(v)):
-                h.update(key.encode() + batch[key].contiguous().view(torch.uint8).numpy().tobytes())
-            scored["batch_digests"].append(h.hexdigest())
+            scored["batch_digests"].append(batch_digest(batch))
         local = original(model, batches, **kwargs)
         scored["local_scores"].append(local.tolist())
         return local
@@ -234,15 +237,56 @@ def record_importance(scored: dict[str, list]) -> None:
     importance.head_importance = recording
 
 
+def record_probe_batches(scored: dict[str, list]) -> None:
+    """Wrap the probe's loss so this rank's report holds a digest of every batch the probe trained on."""
+    from alps_trl.trainers import probe
+
+    original = getattr(probe.training_loss, "unwrapped", probe.training_loss)
+
+    def recording(trainer, model, batch):
+        scored["probe_batch_digests"].append(batch_digest(batch))
+        return original(trainer, model, batch)
+
+    recording.unwrapped = original
+    probe.training_loss = recording
+
+
+def batch_digest(batch: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(k for k, v in batch.items() if torch.is_tensor(v)):
+        h.update(key.encode() + batch[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_on_writer_only() -> None:
+    """Trainer.save_model as transformers < 5 wrote it: the state dict gathered on every rank, `_save` called on
+    the writing process only (ALPS must not start a collective inside `_save`). Final saves only."""
+    import transformers
+
+    original = transformers.Trainer.save_model
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if _internal_call:  # checkpoints during training: as transformers does them now
+            return original(self, output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        state_dict = self.accelerator.get_state_dict(self.model) if self.is_fsdp_enabled else None
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
+
+    transformers.Trainer.save_model = save_model
+
+
 def run_scenario(name: str, args: argparse.Namespace) -> None:
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from transformers import AutoTokenizer
 
-    from alps_trl.anatomy import AttentionLayout, unwrap_model
-    from alps_trl.dpo_trainer import AlpsDPOTrainer
+    from alps_trl.localization.anatomy import AttentionLayout, unwrap_model
     from alps_trl.restriction.delta import merge_state_dict
-    from alps_trl.sft_trainer import AlpsSFTTrainer
+    from alps_trl.trainers.dpo import AlpsDPOTrainer
+    from alps_trl.trainers.sft import AlpsSFTTrainer
 
     kind, mode, non_attention = SCENARIOS[name]
     out = os.path.join(args.out, name)
@@ -279,11 +323,15 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
     heads = OTHER_HEADS if (args.mismatch and rank == 1) else HEADS
     importance = name.endswith("-importance")
     importance_options = {}
-    scored: dict[str, list] = {"local_scores": [], "batch_digests": []}
+    scored: dict[str, list] = {"local_scores": [], "batch_digests": [], "probe_batch_digests": []}
     if importance:
         heads = None
         importance_options = dict(alps_metric="importance", alps_importance_batches=IMPORTANCE_BATCHES)
         record_importance(scored)
+    if name == "sft-probe":
+        heads = None
+        importance_options = dict(alps_probe_steps=PROBE_STEPS)
+        record_probe_batches(scored)
     four_bit = name.endswith("-4bit")
     dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
     base = full_tensors(load_base(args.base, four_bit, dtype))
@@ -301,6 +349,9 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
     else:
         first_fingerprint = None
         trainer = build_trainer(args.steps, heads, None, save=False)
+        if PartialState().is_main_process:
+            # What users write to look at the heads: on the main process only, before train(). Must not hang.
+            print(trainer.head_selection.summary())
         trainer.train()
 
     state = trainer.accelerator.state
@@ -367,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown scenario(s) {unknown}; choose from {sorted(SCENARIOS)}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
+    if args.writer_only_save:
+        save_on_writer_only()
     for name in names:
         run_scenario(name, args)
     return 0

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from alps_trl.anatomy import AttentionLayout, unwrap_model
+from alps_trl.localization.anatomy import AttentionLayout, unwrap_model
 
 if TYPE_CHECKING:
     import torch
@@ -418,7 +418,7 @@ def open_weight_source(obj: Any, *, config: Any = None, trust_remote_code: bool 
     Args:
         obj: a `WeightSource` (returned as is); a local checkpoint directory (config.json plus
             safetensors or .bin weights, sharded or not); a ``.gguf`` file (dequantized, see
-            `alps_trl.gguf.GGUFStore`); a hub id already in the local HF cache; a
+            `alps_trl.localization.gguf.GGUFStore`); a hub id already in the local HF cache; a
             loaded model (PreTrainedModel, possibly wrapped); or a Mapping of tensor name -> tensor
             holding at least the q/k/v weights, together with `config`.
         config: for a Mapping: a config (PretrainedConfig, dict, or a path to config.json or its
@@ -446,7 +446,7 @@ def open_weight_source(obj: Any, *, config: Any = None, trust_remote_code: bool 
         if os.path.isdir(path):
             return _from_directory(path, config, trust_remote_code, name=path)
         if os.path.isfile(path) and path.lower().endswith(".gguf"):
-            from alps_trl.gguf import GGUFStore
+            from alps_trl.localization.gguf import GGUFStore
 
             store = GGUFStore(path)
             return WeightSource(store, store.config, path)
@@ -527,7 +527,58 @@ def _from_directory(path: str, config: Any, trust_remote_code: bool, name: str) 
     if cfg is None:
         cfg = _read_config_json(os.path.join(path, "config.json"), trust_remote_code)
     store = _open_weight_files(path)
+    quantization = cfg.get("quantization_config")
+    if quantization:
+        store = _dequantizing_store(store, quantization, name)
     return WeightSource(store, cfg, name)
+
+
+class _BlockFP8Store(_TensorStore):
+    """An FP8 checkpoint with block scales (``quant_method: fp8``, as FP8 releases ship): a weight ``W`` stored
+    as float8 with ``W_scale_inv`` of shape [ceil(rows / br), ceil(cols / bc)] reads as
+    ``fp8 * scale_inv[row // br, col // bc]``; tensors without a scale read as stored."""
+
+    def __init__(self, store: _TensorStore, block: tuple[int, int]):
+        self._store, self._block = store, block
+
+    def names(self) -> set[str]:
+        return self._store.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._store.shape(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        import torch
+
+        raw = self._store.rows(name, start, stop)
+        scale_name = name + "_scale_inv"
+        if scale_name not in self._store.names():
+            return raw
+        br, bc = self._block
+        first, last = start // br, (stop - 1) // br + 1
+        scales = self._store.rows(scale_name, first, last).to(torch.float32)
+        per_row = scales.repeat_interleave(br, dim=0)[start - first * br : stop - first * br]
+        per_elem = per_row.repeat_interleave(bc, dim=1)[:, : raw.shape[1]]
+        return raw.to(torch.float32) * per_elem
+
+
+# quantization_config methods the reader can dequantize itself; every other one is refused (never read raw).
+_READABLE_QUANTIZATION = ("fp8",)
+
+
+def _dequantizing_store(store: _TensorStore, quantization: dict, name: str) -> _TensorStore:
+    method = str(quantization.get("quant_method", "unknown"))
+    block = quantization.get("weight_block_size")
+    scaled = any(n.endswith("_scale_inv") for n in store.names())
+    if method == "fp8" and scaled and block and len(block) == 2:
+        return _BlockFP8Store(store, (int(block[0]), int(block[1])))
+    if method == "fp8" and not scaled:
+        return store  # float8 weights without scales: their stored values are the weights
+    raise ValueError(
+        f"{name} is a quantized checkpoint (quantization_config quant_method={method!r}), whose stored tensors are "
+        f"not the weights; ALPS reads {', '.join(_READABLE_QUANTIZATION)} (with block scales) only. Pass the "
+        "full-precision checkpoint it was made from (scores of a quantized model carry its quantization error)."
+    )
 
 
 def _open_weight_files(path: str) -> _TensorStore:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from trl import SFTTrainer
 
-from alps_trl.trainer_mixin import ALPS_PAPER, AlpsTrainerMixin
+from alps_trl.trainers.mixin import ALPS_PAPER, AlpsTrainerMixin
 
 
 class AlpsSFTTrainer(AlpsTrainerMixin, SFTTrainer):

@@ -183,7 +183,7 @@ def strip_gguf_quantizer(model: Any) -> bool:
     transformers dequantizes GGUF weights on load but keeps its quantizer, which makes `save_pretrained`
     refuse and `is_quantized` report True. Uses the quantizer's own `remove_quantization_config`.
     """
-    from alps_trl.anatomy import unwrap_model
+    from alps_trl.localization.anatomy import unwrap_model
 
     inner = unwrap_model(model)
     if not is_gguf_model(inner):
@@ -253,7 +253,7 @@ def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
 class GGUFStore:
     """q/k/v tensors of a GGUF file under their HF names, dequantized to float32 on read (numpy, no torch).
 
-    A `_TensorStore` for `alps_trl.weights.WeightSource`: `names()`, `shape(name)`, `rows(name, start, stop)`
+    A `_TensorStore` for `localization.weights.WeightSource`: `names()`, `shape(name)`, `rows(name, start, stop)`
     and `array_rows(...)`. The file is memory-mapped by gguf's reader; only the q/k/v tensors are decoded.
     """
 

@@ -33,9 +33,9 @@ from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from alps_trl.config import alps_arguments_of
-from alps_trl.reference import AlpsReferenceModel
-from alps_trl.trainer_mixin import ALPS_PAPER, AlpsTrainerMixin
+from alps_trl.trainers.config import alps_arguments_of
+from alps_trl.trainers.mixin import ALPS_PAPER, AlpsTrainerMixin
+from alps_trl.trainers.reference import AlpsReferenceModel
 
 logger = logging.get_logger(__name__)
 
@@ -80,9 +80,14 @@ class AlpsDPOTrainer(AlpsTrainerMixin, DPOTrainer):
             if not isinstance(model, str):
                 ref_model = copy.deepcopy(model)
         self.reference_kind = kind
+        self._alps_reference_module = reference
         super().__init__(model, ref_model, args, *rest, **kwargs)
+
+    def _alps_after_trl_init(self) -> None:
+        """Right after DPOTrainer.__init__, before the mixin localizes (the probe and importance call the DPO loss)."""
         if self.accelerator.is_main_process:
-            logger.warning(f"ALPS DPO reference: {kind} ({REFERENCE_KINDS[kind]}).")
+            logger.warning(f"ALPS DPO reference: {self.reference_kind} ({REFERENCE_KINDS[self.reference_kind]}).")
+        reference = self._alps_reference_module
         if reference is not None:
             # TRL prepared and patched the reference like a full model; use the bare module: it runs the policy,
             # which already carries TRL's fused LM head.

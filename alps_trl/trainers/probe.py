@@ -7,7 +7,7 @@ restored bit for bit, every requires_grad flag, the train/eval mode, the RNG sta
 trainer's metric buffers are put back, and the probe's own optimizer is discarded. (When the run
 asks for activation checkpointing, the probe switches it on already, as `Trainer.train` would next.)
 The same traceless pass (`traceless_pass`, `training_loss`) runs the importance scoring of
-``alps_metric="importance"`` (`alps_trl.head_sources.training_data_importance`).
+``alps_metric="importance"`` (`alps_trl.trainers.head_sources.training_data_importance`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from alps_trl.anatomy import AttentionLayout, unwrap_model
+from alps_trl.localization.anatomy import AttentionLayout, unwrap_model
 
 logger = logging.get_logger(__name__)
 
@@ -62,10 +62,9 @@ def swapped_in(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> Iter
 
 
 def probe_dataloader(trainer: Any) -> torch.utils.data.DataLoader:
-    """A plain (not accelerate-prepared, not sharded) loader over the trainer's training set.
+    """A plain (not accelerate-prepared) loader over the trainer's training set, in one seeded order.
 
-    Every process iterates the same batches in the same seeded order, so a probe run on every rank
-    stays in step with the collectives inside the trainer's `compute_loss`.
+    Every process builds the same loader; `process_share` then gives each process its own batches of it.
     """
     import datasets
 
@@ -81,6 +80,28 @@ def probe_dataloader(trainer: Any) -> torch.utils.data.DataLoader:
         kwargs["shuffle"] = True
         kwargs["generator"] = torch.Generator().manual_seed(int(args.seed))
     return torch.utils.data.DataLoader(dataset, **kwargs)
+
+
+def process_share(trainer: Any) -> Iterator[dict[str, Any]]:
+    """This process's batches of the seeded training order, endlessly: batch i goes to process i % world_size.
+
+    Every process draws the same number of batches per step, so the collectives inside `compute_loss` (metric
+    gathers) and the probe's gradient all-reduce stay in step.
+    """
+    accelerator = trainer.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    return itertools.islice(itertools.cycle(probe_dataloader(trainer)), rank, None, world)
+
+
+def average_gradients(params: list[torch.Tensor], world: int) -> None:
+    """All-reduce (mean) the gradients of `params` across processes, as DDP would (the probe model is unwrapped)."""
+    if world <= 1:
+        return
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
+        param.grad.div_(world)
 
 
 @contextlib.contextmanager
@@ -136,12 +157,16 @@ def run_probe(trainer: Any, steps: int) -> tuple[dict[str, torch.Tensor], dict[s
     """Fine-tune all q/k/v weights (everything else frozen) for `steps` optimizer steps, then undo it.
 
     Uses the trainer's own loss (`compute_loss`), learning rate, Adam betas/epsilon, gradient
-    accumulation and clipping; no weight decay. DPO reference forwards during the probe see the
-    pre-probe q/k/v (through `trainer._alps_probe_reference`).
+    accumulation and clipping; no weight decay. Each step consumes a global batch, like a training
+    step: under several processes each one takes its share of the batches (`process_share`) and the
+    gradients are averaged across them, so every process ends with the same weights. Weights stored in
+    bf16/fp16 train through float32 master copies (the optimizer updates those; a small learning rate's
+    updates would round away in bf16). DPO reference forwards during the probe see the pre-probe q/k/v
+    (through `trainer._alps_probe_reference`).
 
     Returns:
-        (before, after): the q/k/v weights and biases by parameter name, as CPU tensors in the
-        model's dtype, before and after the probe. The model is back in its `before` state.
+        (before, after): the q/k/v weights and biases by parameter name, as CPU tensors: `before` in the
+        model's dtype, `after` in float32 (the master copies). The model is back in its `before` state.
     """
     args = trainer.args
     model = trainer.model
@@ -157,28 +182,40 @@ def run_probe(trainer: Any, steps: int) -> tuple[dict[str, torch.Tensor], dict[s
             for n, p in inner.named_parameters():
                 p.requires_grad_(n in before)
             trainable = [params[n] for n in names]
+            # float32 masters for low-precision weights; for float32 weights the master is the weight itself.
+            masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True) for p in trainable]
+            world = trainer.accelerator.num_processes
             optimizer = torch.optim.AdamW(
-                trainable,
+                masters,
                 lr=args.learning_rate,
                 betas=(args.adam_beta1, args.adam_beta2),
                 eps=args.adam_epsilon,
                 weight_decay=0.0,
             )
-            batches = itertools.cycle(probe_dataloader(trainer))
+            batches = process_share(trainer)
             bar = tqdm(total=steps, desc="ALPS probe", unit="step", disable=not shows_progress(trainer))
             with bar:
                 for _ in range(steps):
                     for _ in range(accumulation):
                         loss = training_loss(trainer, model, next(batches))
                         (loss / accumulation).backward()
+                    average_gradients(trainable, world)
+                    for param, master in zip(trainable, masters):
+                        if master is not param:
+                            master.grad = None if param.grad is None else param.grad.float()
+                            param.grad = None
                     if args.max_grad_norm and args.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(masters, args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for param, master in zip(trainable, masters):
+                            if master is not param:
+                                param.copy_(master)
                     if not bar.disable:
                         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
                     bar.update(1)
-            after = {n: params[n].detach().to("cpu", copy=True) for n in names}
+            after = {n: m.detach().to("cpu", torch.float32, copy=True) for n, m in zip(names, masters)}
             del optimizer
     finally:
         with torch.no_grad():

@@ -20,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from alps_trl.anatomy import AttentionLayout
+    from alps_trl.localization.anatomy import AttentionLayout
 
 FORMAT_NAME = "alps_trl.head_selection"
 FORMAT_VERSION = 1
@@ -205,7 +205,7 @@ class HeadSelection:
 
         Accepts a model, a PretrainedConfig, a config dict, or an `AttentionLayout`.
         """
-        from alps_trl.anatomy import AttentionLayout
+        from alps_trl.localization.anatomy import AttentionLayout
 
         if isinstance(model_or_config, AttentionLayout):
             layout = model_or_config

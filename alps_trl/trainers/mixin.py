@@ -4,19 +4,23 @@ Layer 5. Put it first in the bases (``class AlpsSFTTrainer(AlpsTrainerMixin, SFT
 
 1. checks the ALPS options against the model before TRL builds anything it does not have to;
 2. lets TRL build the trainer (a quantized base is accepted: ALPS adds trainable deltas to it);
-3. localizes heads once, when training starts (or when `head_selection` is first read):
+3. localizes heads once, at the end of the constructor (every rank constructs the trainer, so every rank
+   takes part in the same collectives there; reading `head_selection` afterwards is a plain attribute):
    ``head_selection=`` argument > ``alps_heads`` > ``alps_task_model`` > importance on training
-   batches (``alps_metric="importance"``) > probe fine-tune; when resuming, the selection saved in
-   the checkpoint is reused and nothing is recomputed. The main process computes (importance: every
-   process scores its share, the scores are summed), broadcasts, and every rank verifies the fingerprint;
-4. installs the `Restriction` on the unwrapped model, attaches it after ``accelerator.prepare``
+   batches (``alps_metric="importance"``) > probe fine-tune; when ``args.resume_from_checkpoint`` names a
+   checkpoint, the selection saved there is reused and nothing is recomputed, and ``train(resume_from_checkpoint=)``
+   swaps in a checkpoint's selection as long as nothing has trained yet. The main process computes
+   (importance and the probe: every process works on its share of the batches), broadcasts, and every rank
+   verifies the fingerprint;
+4. installs the `Restriction` on the unwrapped model right away (``requires_grad`` counts are the real ones
+   after construction), attaches it after ``accelerator.prepare``
    (``on_train_begin``), zeroes frozen gradient rows after backward and before clipping
    (`training_step`), keeps restricted q/k/v out of the optimizer's decay group
    (`get_decay_parameter_names`) and applies their decay to selected rows only right before each
    optimizer step (``on_pre_optimizer_step``, which runs after clipping);
 5. saves standard checkpoints (delta mode: deltas merged into a copy of the state dict) plus
    ``alps_heads.json``/``.png``; for a quantized base the small delta file and an ``alps-merge`` hint
-   (`alps_trl.checkpoints`); resuming and ``load_best_model_at_end`` restore deltas over the original base.
+   (`alps_trl.trainers.checkpoints`); resuming and ``load_best_model_at_end`` restore deltas over the original base.
 """
 
 from __future__ import annotations
@@ -32,18 +36,17 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from alps_trl import checkpoints
-from alps_trl import head_sources as sources
-from alps_trl import probe as probe_module
-from alps_trl import summary as report
-from alps_trl.anatomy import AttentionLayout, unwrap_model
-from alps_trl.checkpoints import DELTA_FILE, MERGE_HINT_FILE  # noqa: F401 - re-exported
-from alps_trl.config import AlpsArguments, alps_arguments_of, planned_importance_batches, planned_probe_steps
-from alps_trl.gguf import strip_gguf_quantizer
+from alps_trl.localization.anatomy import AttentionLayout, unwrap_model
+from alps_trl.localization.gguf import strip_gguf_quantizer
+from alps_trl.localization.selection import HeadSelection
+from alps_trl.reporting import summary as report
 from alps_trl.restriction import build_restriction, is_quantized, resolve_mode
 from alps_trl.restriction.delta import merge_state_dict
-from alps_trl.selection import HeadSelection
-from alps_trl.trainer_checks import (
+from alps_trl.trainers import checkpoints
+from alps_trl.trainers import head_sources as sources
+from alps_trl.trainers import probe as probe_module
+from alps_trl.trainers.checkpoints import DELTA_FILE, MERGE_HINT_FILE  # noqa: F401 - re-exported
+from alps_trl.trainers.checks import (
     PEFT_MESSAGE,
     accept_quantized_base,
     model_init_kwargs,
@@ -52,6 +55,7 @@ from alps_trl.trainer_checks import (
     refuse_fsdp1,
     refuse_mask_optimizer,
 )
+from alps_trl.trainers.config import AlpsArguments, alps_arguments_of, planned_importance_batches, planned_probe_steps
 
 logger = logging.get_logger(__name__)
 
@@ -78,6 +82,7 @@ class AlpsTrainerMixin:
     """ALPS behaviour for a TRL trainer; see the module docstring. Adds ``head_selection=`` to the constructor."""
 
     _alps_probe_reference = None
+    _alps_gathered_deltas: dict[str, torch.Tensor] | None = None
 
     def __init__(self, *args: Any, head_selection: HeadSelection | None = None, **kwargs: Any) -> None:
         bound = self._alps_bind(args, kwargs)
@@ -101,6 +106,7 @@ class AlpsTrainerMixin:
             )
         with accept_quantized_base():
             super().__init__(*args, **kwargs)
+        self._alps_after_trl_init()
         self._alps = alps_arguments_of(self.args)
         self._alps_explicit = head_selection
         self._alps_selection: HeadSelection | None = None
@@ -109,21 +115,29 @@ class AlpsTrainerMixin:
         self._alps_summary: dict[str, Any] | None = None
         self._alps_preflight()
         self.add_callback(AlpsCallback(self))
+        self.localize()
 
     # ---- public -------------------------------------------------------------------------------
     @property
     def head_selection(self) -> HeadSelection:
-        """The heads that train. Localizes on first access (resuming from ``args.resume_from_checkpoint``)."""
-        if self._alps_selection is None:
-            self._alps_setup(self._alps_resolve_checkpoint(self.args.resume_from_checkpoint))
+        """The heads that train (set by the constructor; reading it starts no computation or collective)."""
         return self._alps_selection
 
     @property
     def restriction(self):
-        """The installed `Restriction` (installs it on first access, like `head_selection`)."""
-        if self._alps_restriction is None:
-            self.head_selection  # noqa: B018 - triggers localization and install
+        """The installed `Restriction` (mask or delta)."""
         return self._alps_restriction
+
+    def localize(self, resume_from_checkpoint: str | bool | None = None) -> HeadSelection:
+        """Localize heads and install the restriction; a no-op once done. The constructor calls it (with
+        ``args.resume_from_checkpoint``), and `train` calls it with its own ``resume_from_checkpoint``.
+
+        Every process must call it: the probe, importance scoring and the broadcast are collectives.
+        """
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = self.args.resume_from_checkpoint
+        self._alps_setup(self._alps_resolve_checkpoint(resume_from_checkpoint, strict=False))
+        return self._alps_selection
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         self._alps_setup(self._alps_resolve_checkpoint(resume_from_checkpoint))
@@ -151,15 +165,23 @@ class AlpsTrainerMixin:
         """Under FSDP with SHARDED_STATE_DICT, Trainer writes no model files on a final save (checkpoints keep the
         shards); gather a full state dict instead so output_dir holds a standard checkpoint."""
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
-        if plugin is None or _internal_call or "FULL_STATE_DICT" in str(plugin.state_dict_type):
-            super().save_model(output_dir, _internal_call)
-        else:
-            previous = plugin.state_dict_type
-            plugin.set_state_dict_type("FULL_STATE_DICT")
-            try:
+        # Every rank calls save_model (checkpoints too); `_save` may run on the writer alone. Gather the deltas
+        # here, where a collective is safe, and let `_save` write them.
+        restriction = self._alps_restriction
+        if restriction is not None and restriction.mode == "delta":
+            self._alps_gathered_deltas = restriction.delta_state_dict(self.model)
+        try:
+            if plugin is None or _internal_call or "FULL_STATE_DICT" in str(plugin.state_dict_type):
                 super().save_model(output_dir, _internal_call)
-            finally:
-                plugin.set_state_dict_type(previous)
+            else:
+                previous = plugin.state_dict_type
+                plugin.set_state_dict_type("FULL_STATE_DICT")
+                try:
+                    super().save_model(output_dir, _internal_call)
+                finally:
+                    plugin.set_state_dict_type(previous)
+        finally:
+            self._alps_gathered_deltas = None
         # Sharded checkpoints never reach _save: write the selection here too, so that resuming restores it.
         if self.args.should_save and self._alps_selection is not None:
             self._alps_write_selection(output_dir if output_dir is not None else self.args.output_dir)
@@ -168,8 +190,9 @@ class AlpsTrainerMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         restriction = self._alps_restriction
         if restriction is not None and restriction.mode == "delta":
-            # A collective under FSDP2: every rank gathers, only the writer saves (a gather on the writer alone hangs).
-            deltas = restriction.delta_state_dict(self.model)
+            deltas = self._alps_gathered_deltas
+            if deltas is None:  # called outside save_model: as Trainer does it, on every rank (a collective)
+                deltas = restriction.delta_state_dict(self.model)
             if not self.args.should_save:
                 # FSDP2's full state dict is empty on non-writer ranks: nothing to merge, nothing to write.
                 super()._save(output_dir, state_dict=state_dict)
@@ -211,6 +234,9 @@ class AlpsTrainerMixin:
         )
 
     # ---- setup --------------------------------------------------------------------------------
+    def _alps_after_trl_init(self) -> None:
+        """Hook for the trainer classes: runs right after the TRL constructor, before the checks and localization."""
+
     def _alps_bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         base = next(
             c
@@ -254,15 +280,20 @@ class AlpsTrainerMixin:
             self._alps_heads_file = HeadSelection.load(alps.alps_heads)
             self._alps_heads_file.check_compatible(layout)
         elif alps.alps_task_model:
-            from alps_trl.scoring import check_same_shape
-            from alps_trl.weights import open_weight_source
-
-            task = open_weight_source(alps.alps_task_model, trust_remote_code=alps.alps_trust_remote_code)
-            check_same_shape(sources.base_weight_source(self.model, alps.alps_trust_remote_code), task)
+            # The main process alone opens the task model (other nodes may not have it cached); all ranks raise.
+            sources.on_main_process(self.accelerator, self._alps_check_task_model)
         elif alps.alps_strategy == "top_k" and alps.alps_metric == "importance":
             self._alps_check_importance_possible()
         elif alps.alps_strategy == "top_k":
             self._alps_check_probe_possible(model)
+
+    def _alps_check_task_model(self) -> None:
+        from alps_trl.localization.scoring import check_same_shape
+        from alps_trl.localization.weights import open_weight_source
+
+        alps = self._alps
+        task = open_weight_source(alps.alps_task_model, trust_remote_code=alps.alps_trust_remote_code)
+        check_same_shape(sources.base_weight_source(self.model, alps.alps_trust_remote_code), task)
 
     def _alps_check_importance_possible(self) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -294,11 +325,15 @@ class AlpsTrainerMixin:
                 "alps_task_model."
             )
 
-    def _alps_resolve_checkpoint(self, resume: str | bool | None) -> str | None:
+    def _alps_resolve_checkpoint(self, resume: str | bool | None, strict: bool = True) -> str | None:
+        """The checkpoint to resume from, or None. `strict`: resume=True without a checkpoint raises (as `train`
+        would); the constructor is not strict, since the checkpoint may only exist by the time `train` runs."""
         if resume is None or resume is False:
             return None
         if resume is True:
-            found = get_last_checkpoint(self.args.output_dir)
+            found = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            if found is None and not strict:
+                return None
             if found is None:  # Trainer.train raises this too, but only after localization would have run
                 raise ValueError(
                     f"No valid checkpoint found in output directory ({self.args.output_dir}): pass the checkpoint "
@@ -310,14 +345,18 @@ class AlpsTrainerMixin:
     def _alps_setup(self, checkpoint: str | None) -> None:
         """Localize (or restore), share across ranks, install the restriction, write and log the selection."""
         if self._alps_restriction is not None:
-            if checkpoint is not None:
-                saved = self._alps_selection_from_checkpoint(checkpoint)
-                if saved is not None and saved != self._alps_selection:
-                    raise ValueError(
-                        f"The checkpoint {checkpoint} was trained with other ALPS heads than the ones this trainer "
-                        "already installed. Build a new trainer and call train(resume_from_checkpoint=...) before "
-                        "reading trainer.head_selection."
-                    )
+            saved = self._alps_selection_from_checkpoint(checkpoint) if checkpoint is not None else None
+            if saved is None or saved == self._alps_selection:
+                return
+            if self.optimizer is not None or self.state.global_step > 0:
+                raise ValueError(
+                    f"The checkpoint {checkpoint} was trained with other ALPS heads than the ones this trainer has "
+                    "trained already. Build a new trainer to resume from it."
+                )
+            # Nothing has trained: swap the constructor's selection for the checkpoint's (the usual resume).
+            checkpoints.check_resume_mode(checkpoint, self._alps_mode)
+            self._alps_restriction.uninstall(self.model)
+            self._alps_install(saved, source="checkpoint")
             return
         if checkpoint is not None:
             checkpoints.check_resume_mode(checkpoint, self._alps_mode)
@@ -326,7 +365,11 @@ class AlpsTrainerMixin:
             self._alps_source = "checkpoint"
         else:
             selection = self._alps_localize()
-        selection = sources.share_selection(self.accelerator, selection)
+        self._alps_install(sources.share_selection(self.accelerator, selection), source=self._alps_source)
+
+    def _alps_install(self, selection: HeadSelection, source: str | None) -> None:
+        """Build and install the restriction for `selection` (the same on every rank), write and report it."""
+        self._alps_source = source
         restriction = build_restriction(
             self.model,
             selection,
@@ -388,8 +431,8 @@ class AlpsTrainerMixin:
         if alps.alps_strategy != "top_k" and not alps.alps_task_model:
             self._alps_source = alps.alps_strategy
             return sources.random_selection(alps, layout)
-        from alps_trl.localize import localize_heads
-        from alps_trl.weights import open_weight_source
+        from alps_trl.localization.localize import localize_heads
+        from alps_trl.localization.weights import open_weight_source
 
         options = dict(
             ratio=alps.alps_ratio,
@@ -397,6 +440,7 @@ class AlpsTrainerMixin:
             strategy=alps.alps_strategy,
             temperature=alps.alps_temperature,
             seed=alps.alps_seed,
+            device=self.args.device,  # the accelerator this process trains on (CPU with use_cpu)
         )
         if alps.alps_task_model:
             self._alps_source = "alps_task_model"
@@ -421,7 +465,7 @@ class AlpsTrainerMixin:
 
     def _alps_importance_selection(self) -> HeadSelection:
         """Top K by importance on the training data; every process computes the same (reduced) selection."""
-        from alps_trl.importance import importance_selection
+        from alps_trl.localization.importance import importance_selection
 
         alps, world = self._alps, self.accelerator.num_processes
         self._alps_source = "importance"
@@ -470,9 +514,27 @@ class AlpsCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         trainer = self.trainer
         restriction = trainer._alps_restriction
-        if restriction is None or not args.weight_decay:
+        if restriction is None or not args.weight_decay or _step_will_be_skipped(trainer):
             return
         restriction.apply_weight_decay(trainer.model, _group_lr(trainer, restriction), args.weight_decay)
+
+
+def _step_will_be_skipped(trainer: AlpsTrainerMixin) -> bool:
+    """fp16 with loss scaling: whether the coming optimizer step will be skipped (a non-finite gradient anywhere,
+    on any process), as the GradScaler decides. The selected rows' decay must then be skipped too, or they would
+    shrink on a step in which nothing else moves."""
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return False
+    found = any(
+        p.grad is not None and not torch.isfinite(p.grad).all()
+        for group in trainer.optimizer.param_groups
+        for p in group["params"]
+    )
+    if trainer.accelerator.num_processes <= 1:
+        return found
+    flag = torch.tensor([float(found)], device=trainer.accelerator.device)
+    return bool(trainer.accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def _group_lr(trainer: AlpsTrainerMixin, restriction) -> float:

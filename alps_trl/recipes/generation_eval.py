@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from alps_trl.anatomy import unwrap_model
+from alps_trl.localization.anatomy import unwrap_model
 
 
 @dataclass

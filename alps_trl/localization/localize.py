@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from alps_trl.scoring import open_pair, resolve_device, score_array, validate_metric, validate_temperature
-from alps_trl.selection import (
+from alps_trl.localization.scoring import open_pair, resolve_device, score_array, validate_metric, validate_temperature
+from alps_trl.localization.selection import (
     STRATEGIES,
     HeadSelection,
     num_selected,

@@ -17,7 +17,7 @@ import torch
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import logging
 
-from alps_trl.anatomy import unwrap_model
+from alps_trl.localization.anatomy import unwrap_model
 from alps_trl.restriction import is_quantized
 from alps_trl.restriction.delta import load_delta_file, save_delta_file
 

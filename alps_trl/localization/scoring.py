@@ -12,7 +12,7 @@ batched matmul. The ablation distances of the paper (kl, js, cosine, euclidean) 
 `head_logits` + `distribution_distance` state the definition directly; `score_layer` computes the
 same numbers from Wo^T (a faster matmul shape) and forms the row-major CDF without transposing back.
 
-The math is written once against `alps_trl.array_ops`: numpy computes it on CPU (a checkpoint is then
+The math is written once against `alps_trl.localization.array_ops`: numpy computes it on CPU (a checkpoint is then
 scored without importing torch), torch on CUDA. `score_heads` returns a torch tensor (the library API),
 `score_array` the same numbers as a numpy array.
 """
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from alps_trl.array_ops import ops_for
-from alps_trl.weights import WeightSource, open_weight_source
+from alps_trl.localization.array_ops import ops_for
+from alps_trl.localization.weights import WeightSource, open_weight_source
 
 if TYPE_CHECKING:
     import torch
@@ -109,7 +109,7 @@ def resolve_device(device: torch.device | str | None) -> str:
     return "cpu" if dev.type == "cpu" else str(dev)
 
 
-# ---- the math, written once for numpy arrays and torch tensors (alps_trl.array_ops) ---------------
+# ---- the math, written once for numpy arrays and torch tensors (alps_trl.localization.array_ops) ---------------
 def head_logits(wq: Any, wk: Any, wv: Any, out: Any = None) -> Any:
     """Flattened head transformation matrices of one layer (or of a chunk of its kv groups).
 

@@ -15,11 +15,11 @@ from typing import Any
 
 from transformers.utils import logging
 
-from alps_trl import recipe_utils as ru
+from alps_trl.recipes import arguments as ru
 
 logger = logging.get_logger(__name__)
 
-# recipe kind -> (trainer class name in alps_trl, dataset kind of alps_trl.data.format_dataset)
+# recipe kind -> (trainer class name in alps_trl, dataset kind of alps_trl.recipes.data.format_dataset)
 KINDS = {"sft": ("AlpsSFTTrainer", "sft"), "dpo": ("AlpsDPOTrainer", "preference")}
 
 
@@ -64,7 +64,7 @@ def main(kind: str, script_args: Any, training_args: Any, model_args: Any) -> An
 
     lines = ru.summary_lines(trainer, before, after, time.perf_counter() - start, model_name=model_name)
     if generations_after is not None:
-        from alps_trl.generation_eval import comparison_lines
+        from alps_trl.recipes.generation_eval import comparison_lines
 
         at = lines.index(next(x for x in lines if x.startswith("Model: ")))
         lines[at:at] = comparison_lines(generations_before, generations_after, script_args.eval_examples)
@@ -92,7 +92,7 @@ def generation_eval(trainer: Any, script_args: Any, eval_dataset: Any, when: str
         return None
     if not trainer.accelerator.is_main_process:
         return None
-    from alps_trl.generation_eval import generate_answers, prompts_and_references
+    from alps_trl.recipes.generation_eval import generate_answers, prompts_and_references
 
     prompts, references = prompts_and_references(eval_dataset, script_args.eval_generations)
     return generate_answers(

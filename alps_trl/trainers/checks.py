@@ -11,10 +11,10 @@ from typing import Any
 import torch
 import transformers
 
-from alps_trl.anatomy import unwrap_model
-from alps_trl.config import AlpsArguments
+from alps_trl.localization.anatomy import unwrap_model
+from alps_trl.localization.selection import HeadSelection
 from alps_trl.restriction import resolve_mode
-from alps_trl.selection import HeadSelection
+from alps_trl.trainers.config import AlpsArguments
 
 
 def model_init_kwargs(args: Any) -> dict:

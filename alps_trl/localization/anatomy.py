@@ -61,7 +61,7 @@ def get_spec(model_type: str) -> ArchitectureSpec:
     except KeyError:
         raise UnsupportedArchitectureError(
             f"Architecture {model_type!r} is not supported by ALPS. Supported model_type values: "
-            f"{', '.join(supported_architectures())}. Add an entry to alps_trl.anatomy.ARCHITECTURES "
+            f"{', '.join(supported_architectures())}. Add an entry to alps_trl.localization.anatomy.ARCHITECTURES "
             "if your model names its attention projections like one of these."
         ) from None
 

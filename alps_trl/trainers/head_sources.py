@@ -12,23 +12,24 @@ import functools
 import itertools
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers.utils import logging
 
-from alps_trl import probe
-from alps_trl.anatomy import AttentionLayout, unwrap_model
-from alps_trl.config import AlpsArguments
-from alps_trl.restriction import is_quantized
-from alps_trl.selection import (
+from alps_trl.localization.anatomy import AttentionLayout, unwrap_model
+from alps_trl.localization.selection import (
     HeadSelection,
     num_selected,
     select_layer_consistent,
     select_random,
     selection_for_layout,
 )
-from alps_trl.summary import HEADS_FILE
+from alps_trl.reporting.summary import HEADS_FILE
+from alps_trl.restriction import is_quantized
+from alps_trl.trainers import probe
+from alps_trl.trainers.config import AlpsArguments
 
 logger = logging.get_logger(__name__)
 
@@ -96,7 +97,7 @@ def base_weight_source(model: torch.nn.Module, trust_remote_code: bool = False):
     The in-memory model itself (exact, no I/O) unless it is quantized; then the full-precision
     checkpoint it was loaded from (``config._name_or_path``: a local directory or a cached hub id).
     """
-    from alps_trl.weights import open_weight_source
+    from alps_trl.localization.weights import open_weight_source
 
     model = unwrap_model(model)
     if not is_quantized(model):
@@ -128,7 +129,7 @@ def planned_training_steps(args: Any, train_dataset: Any) -> int:
 def training_data_importance(trainer: Any, batches_per_process: int) -> torch.Tensor:
     """`head_importance` of the trainer's model on its own training batches and loss, summed over all processes.
 
-    Batch i of the seeded training order (`probe.probe_dataloader`, the same on every process) is scored by
+    Batch i of the seeded training order (`probe.process_share`, the same order on every process) is scored by
     process i % world_size, so each process scores `batches_per_process` different batches (and every process
     runs the same number of `compute_loss` calls, which gather metrics across processes). The run leaves no
     trace (`probe.traceless_pass`); a DPO reference forward sees the untouched model.
@@ -136,13 +137,11 @@ def training_data_importance(trainer: Any, batches_per_process: int) -> torch.Te
     Returns:
         float64 CPU [L, H], identical on every process.
     """
-    from alps_trl.importance import head_importance
+    from alps_trl.localization.importance import head_importance
 
     accelerator = trainer.accelerator
-    world, rank = accelerator.num_processes, accelerator.process_index
-    share = list(
-        itertools.islice(itertools.cycle(probe.probe_dataloader(trainer)), rank, batches_per_process * world, world)
-    )
+    world = accelerator.num_processes
+    share = list(itertools.islice(probe.process_share(trainer), batches_per_process))
     logger.info(
         f"ALPS importance: scoring the heads on {batches_per_process} training batches per process "
         f"({batches_per_process * world} in all)."
@@ -160,6 +159,31 @@ def training_data_importance(trainer: Any, batches_per_process: int) -> torch.Te
         return local
     # On the accelerator's device: NCCL reduces CUDA tensors only (gloo reduces float64 CPU tensors as well).
     return accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
+
+
+def on_main_process(accelerator: Any, check: Callable[[], None]) -> None:
+    """Run `check` on the main process only; if it raises, every process raises the same error (type and message),
+    so that no rank walks on into a collective that the failed main process will never join."""
+    failure: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            check()
+        except (ValueError, OSError, RuntimeError) as err:
+            failure = err
+    if accelerator.num_processes <= 1:
+        if failure is not None:
+            raise failure
+        return
+    from accelerate.utils import broadcast_object_list
+
+    payload = [None if failure is None else (type(failure).__name__, str(failure))]
+    broadcast_object_list(payload, from_process=0)
+    if failure is not None:
+        raise failure
+    if payload[0] is not None:
+        kind, message = payload[0]
+        error = {"OSError": OSError, "RuntimeError": RuntimeError}.get(kind, ValueError)
+        raise error(f"(on the main process) {message}")
 
 
 def share_selection(accelerator: Any, selection: HeadSelection | None) -> HeadSelection:

@@ -21,8 +21,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from alps_trl.anatomy import AttentionLayout, unwrap_model
-from alps_trl.selection import HeadSelection, num_selected, select_top_k, selection_for_layout, validate_ratio
+from alps_trl.localization.anatomy import AttentionLayout, unwrap_model
+from alps_trl.localization.selection import (
+    HeadSelection,
+    num_selected,
+    select_top_k,
+    selection_for_layout,
+    validate_ratio,
+)
 
 logger = logging.get_logger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from alps_trl.selection import HeadSelection
+from alps_trl.localization.selection import HeadSelection
 
 logger = logging.get_logger(__name__)
 

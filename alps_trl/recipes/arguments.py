@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from alps_trl.data import FORMAT_CHOICES, TEMPLATES, format_dataset
+from alps_trl.recipes.data import FORMAT_CHOICES, TEMPLATES, format_dataset
 
 logger = logging.get_logger(__name__)
 
@@ -135,7 +135,7 @@ def check_alps_options(argv: Sequence[str]) -> None:
 
     Raises ValueError with the closest valid option, before any model or dataset is touched.
     """
-    from alps_trl.config import AlpsArguments
+    from alps_trl.trainers.config import AlpsArguments
 
     valid = sorted(f.name for f in fields(AlpsArguments))
     config = _config_path(argv)
@@ -169,7 +169,7 @@ def demo_model_file() -> str:
     """The demo model's GGUF file; SystemExit with the one-line install command when it is not installed."""
     import importlib.util
 
-    from alps_trl.gguf import packaged_gguf
+    from alps_trl.localization.gguf import packaged_gguf
 
     path = packaged_gguf(DEMO_MODEL_DISTRIBUTION)
     if path is None or importlib.util.find_spec("gguf") is None:
@@ -186,13 +186,15 @@ def demo_defaults(kind: str, demo_dir: str | None = None) -> dict[str, Any]:
     """
     import torch
 
-    from alps_trl.gguf import packaged_gguf
+    from alps_trl.localization.gguf import packaged_gguf
 
     if kind not in DEMO_DATA:
         raise ValueError(f"Unknown recipe kind {kind!r}; expected 'sft' or 'dpo'.")
     cuda = torch.cuda.is_available()
     # bf16 autocast halves the step time on CPUs with bf16 instructions (transformers wants use_cpu for it there).
-    bf16 = cuda or _cpu_has_bf16()
+    # GPUs before Ampere have no bf16: loss-scaled fp16 there.
+    bf16 = torch.cuda.is_bf16_supported() if cuda else _cpu_has_bf16()
+    fp16 = cuda and not bf16
     common = dict(
         model_name_or_path=packaged_gguf(DEMO_MODEL_DISTRIBUTION),
         output_dir=f"outputs/{kind}_alps_demo",
@@ -205,6 +207,7 @@ def demo_defaults(kind: str, demo_dir: str | None = None) -> dict[str, Any]:
         lr_scheduler_kwargs={"min_lr_rate": 0.1},
         optim="adamw_torch",
         bf16=bf16,
+        fp16=fp16,
         use_cpu=not cuda,
         dataloader_pin_memory=cuda,
         activation_checkpointing=False,  # transformers 5.x name; TRL configs default gradient checkpointing to on
@@ -216,7 +219,7 @@ def demo_defaults(kind: str, demo_dir: str | None = None) -> dict[str, Any]:
         eval_max_new_tokens=12,
         alps_train_non_attention=False,
         alps_mode="delta",
-        attn_implementation="flash_attention_2" if cuda and _flash_attn_installed() else "sdpa",
+        attn_implementation="flash_attention_2" if cuda and _flash_attn_installed() and bf16 else "sdpa",
         seed=42,
     )
     if demo_dir is not None:
@@ -263,7 +266,18 @@ def parse_recipe_args(parser, kind: str, argv: Sequence[str], demo_dir: str | No
     if is_demo_run(argv):
         demo_model_file()
         parser.set_defaults_with_config(**demo_defaults(kind, demo_dir))
-    return parser.parse_args_and_config(argv)
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as err:
+        if "support bf16" not in str(err):
+            raise
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "this device"
+        raise SystemExit(
+            f"bf16 was asked for, but {gpu} has no bf16 support (GPUs before Ampere). Pass --bf16 false --fp16 true "
+            "(loss-scaled fp16; or set them in the recipe YAML), or run on an Ampere or newer GPU."
+        ) from None
 
 
 def check_no_peft(model_args) -> None:
@@ -276,27 +290,34 @@ def check_no_peft(model_args) -> None:
 
 # ---- model ---------------------------------------------------------------------------------------------------------
 
-_attn_fallback_warned = False
+
+# Oldest GPU generation (CUDA compute capability) each flash-attention version runs on.
+FLASH_ATTN_MIN_CAPABILITY = {"flash_attention_2": (8, 0), "flash_attention_3": (9, 0)}
 
 
 def resolve_attn_implementation(requested: str | None) -> str | None:
-    """`requested`, or "sdpa" (with one warning per process) if flash-attention is asked for but unusable here."""
-    global _attn_fallback_warned
+    """`requested`, or "sdpa" (with one warning per process) if flash-attention is asked for but unusable here:
+    no CUDA device, the package missing, or a GPU older than the version supports (FA2: Ampere, FA3: Hopper)."""
     if not requested or not requested.startswith("flash_attention"):
         return requested
     import torch
     from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
     available = is_flash_attn_3_available() if requested == "flash_attention_3" else is_flash_attn_2_available()
-    if available and torch.cuda.is_available():
-        return requested
-    if not _attn_fallback_warned:
-        reason = "no CUDA device" if not torch.cuda.is_available() else "the flash-attn package is not installed"
-        logger.warning(
-            f"attn_implementation={requested!r} is unavailable ({reason}); using 'sdpa' instead. "
-            "Install it with `pip install flash-attn --no-build-isolation` to use it."
+    minimum = FLASH_ATTN_MIN_CAPABILITY.get(requested, (8, 0))
+    if not torch.cuda.is_available():
+        reason = "no CUDA device"
+    elif not available:
+        reason = "the flash-attn package is not installed; `pip install flash-attn --no-build-isolation` adds it"
+    elif tuple(torch.cuda.get_device_capability()) < minimum:
+        major, minor = torch.cuda.get_device_capability()
+        reason = (
+            f"{torch.cuda.get_device_name()} has compute capability {major}.{minor}, and {requested} needs "
+            f"{minimum[0]}.{minimum[1]} or newer"
         )
-        _attn_fallback_warned = True
+    else:
+        return requested
+    logger.warning_once(f"attn_implementation={requested!r} is unavailable ({reason}); using 'sdpa' instead.")
     return "sdpa"
 
 
@@ -360,13 +381,13 @@ def build_demo_model(model_dir: str, seed: int, attn_implementation: str | None 
 
 
 def resolve_recipe_model(name_or_path: str, gguf_file: str | None = None) -> str:
-    """The path the trainer loads: `name_or_path`, or the converted directory of a GGUF file (see `alps_trl.gguf`).
+    """The path the trainer loads: `name_or_path`, or the converted directory of a GGUF file (`localization.gguf`).
 
     The main process converts first (once, cached by content); the other processes then find it done.
     """
     from accelerate import PartialState
 
-    from alps_trl.gguf import resolve_gguf_file, resolve_model_path
+    from alps_trl.localization.gguf import resolve_gguf_file, resolve_model_path
 
     if resolve_gguf_file(name_or_path, gguf_file) is None:
         return name_or_path
@@ -477,7 +498,7 @@ def output_lines(output_dir: str) -> list[str]:
     for name, what in (("alps_heads.json", "Head selection"), ("alps_heads.png", "Heatmap")):
         path = os.path.join(out, name)
         lines.append(f"{what}: {path}" + ("" if os.path.exists(path) else " (not written)"))
-    from alps_trl.trainer_mixin import DELTA_FILE, MERGE_HINT_FILE
+    from alps_trl.trainers.mixin import DELTA_FILE, MERGE_HINT_FILE
 
     if os.path.exists(os.path.join(out, MERGE_HINT_FILE)):  # only a quantized base leaves unmerged deltas
         lines.append(
@@ -532,7 +553,7 @@ def summary_lines(
 
 def model_line(model_name: str, model) -> str:
     """What was trained, as a user would name it: the demo model's name, or the path / hub id given."""
-    from alps_trl.gguf import packaged_gguf
+    from alps_trl.localization.gguf import packaged_gguf
 
     cfg = getattr(model, "config", None)
     shape = ""

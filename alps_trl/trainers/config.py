@@ -14,9 +14,9 @@ from typing import Any
 
 from trl import DPOConfig, SFTConfig
 
+from alps_trl.localization.scoring import METRICS
+from alps_trl.localization.selection import STRATEGIES, validate_ratio
 from alps_trl.restriction import MODES
-from alps_trl.scoring import METRICS
-from alps_trl.selection import STRATEGIES, validate_ratio
 
 # Fraction of the planned optimizer steps that the probe runs when `alps_probe_steps` is None: the paper's cheap
 # task model is an attention-only fine-tune on about 10% of the data.
@@ -24,7 +24,7 @@ PROBE_FRACTION = 0.1
 # Default importance budget: the probe's (10% of the planned steps x gradient accumulation micro-batches per
 # process), capped so that a long run's pre-step stays a few minutes of forward/backward passes.
 IMPORTANCE_MAX_BATCHES = 64
-# The trainers' head scores: the weight distances of `alps_trl.scoring`, or the data-driven importance.
+# The trainers' head scores: the weight distances of `alps_trl.localization.scoring`, or the data-driven importance.
 TRAINER_METRICS = (*METRICS, "importance")
 
 

@@ -1,6 +1,6 @@
 """The few array operations the scoring math needs, for numpy arrays and for torch tensors.
 
-The score is written once against this interface (`alps_trl.scoring`). numpy runs it on CPU without
+The score is written once against this interface (`alps_trl.localization.scoring`). numpy runs it on CPU without
 importing torch; torch runs it on CUDA, or whenever torch tensors are passed in. In-place arithmetic
 (``x -= y``), slicing, ``reshape`` and broadcasting with ``None`` behave the same in both libraries
 and are used directly; only what differs in name or signature lives here. Every reduction works on

@@ -1,0 +1,1 @@
+"""What a run reports: the startup summary table, the selection files and the heatmap logged to trackers."""

@@ -1,0 +1,126 @@
+"""Every private transformers / TRL / accelerate / torch API that alps_trl overrides, calls or patches, in one list.
+
+Why each one is needed (no public extension point does the job) is in `PRIVATE_API`'s entries. pyproject.toml caps
+transformers and trl below their next minor release, and tests/test_private_api.py checks each signature below
+against the installed packages, so an upgrade that moves one of them fails there, loudly, before any trainer runs.
+
+Replaced by public extension points (no longer touched): localization and the restriction's install run from the
+constructor and `train()`; attaching after ``accelerator.prepare`` is the ``on_train_begin`` callback; decay of the
+selected rows is the ``on_pre_optimizer_step`` callback; the optimizer's decay groups come from the public
+`Trainer.get_decay_parameter_names`; gradient masking follows `Trainer.training_step`; the final save gathers the
+deltas in the public `Trainer.save_model`, which every process calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrivateUse:
+    """One private API: where it lives, how alps_trl uses it, why, and the parameters it is used with."""
+
+    target: str  # "package.module:Object.attribute"
+    use: str  # "override" | "call" | "patch" | "attribute"
+    where: str  # the alps_trl module that touches it
+    why: str
+    parameters: tuple[str, ...] | None = None  # for callables: the parameter names relied on, in order
+
+
+PRIVATE_API: tuple[PrivateUse, ...] = (
+    PrivateUse(
+        "transformers.trainer:Trainer._save",
+        "override",
+        "trainers.mixin",
+        "delta mode writes base + deltas merged (and the delta file) under the standard file names; no public hook "
+        "lets a trainer change the state dict that checkpoints and save_model write",
+        ("self", "output_dir", "state_dict"),
+    ),
+    PrivateUse(
+        "transformers.trainer:Trainer._load_from_checkpoint",
+        "override",
+        "trainers.mixin",
+        "resuming delta mode loads the merged checkpoint as the original base plus its deltas",
+        ("self", "resume_from_checkpoint", "model"),
+    ),
+    PrivateUse(
+        "transformers.trainer:Trainer._load_best_model",
+        "override",
+        "trainers.mixin",
+        "load_best_model_at_end in delta mode: the same base + deltas loading as a resume",
+        ("self",),
+    ),
+    PrivateUse(
+        "trl.trainer.dpo_trainer:DPOTrainer._precompute_ref_logps",
+        "override",
+        "trainers.dpo",
+        "several processes and an in-memory dataset: TRL's file cache would live on rank 0 only; the log-probs are "
+        "gathered in memory instead",
+        ("self", "dataset", "name", "batch_size"),
+    ),
+    PrivateUse(
+        "trl.trainer.dpo_trainer:DPOTrainer._precompute_engine",
+        "attribute",
+        "trainers.dpo",
+        "the DeepSpeed engine TRL builds once for precomputing reference log-probs (reused as TRL does)",
+    ),
+    PrivateUse(
+        "transformers.trainer:Trainer._prepare_inputs",
+        "call",
+        "trainers.probe",
+        "the probe and importance scoring feed batches exactly as a training step does (device, dtype)",
+        ("self", "inputs"),
+    ),
+    PrivateUse(
+        "transformers.trainer:Trainer._remove_unused_columns",
+        "call",
+        "trainers.probe",
+        "the probe's loader drops the columns the model does not take, as the training loader does",
+        ("self", "dataset", "description"),
+    ),
+    PrivateUse(
+        "transformers.trainer:Trainer._get_collator_with_removed_columns",
+        "call",
+        "trainers.probe",
+        "the same for iterable datasets",
+        ("self", "data_collator", "description"),
+    ),
+    PrivateUse(
+        "trl.trainer.sft_trainer:SFTTrainer._metrics",
+        "attribute",
+        "trainers.probe",
+        "the probe's compute_loss calls add to TRL's metric buffers; they are restored so logs show training only",
+    ),
+    PrivateUse(
+        "trl.trainer.dpo_trainer:DPOTrainer._total_train_tokens",
+        "attribute",
+        "trainers.probe",
+        "TRL's token counter (DPO, SFT), restored after the probe like the metric buffers",
+    ),
+    PrivateUse(
+        "transformers.trainer:validate_quantization_for_training",
+        "patch",
+        "trainers.checks",
+        "Trainer refuses a quantized model without a PEFT adapter; ALPS adds its own trainable deltas",
+        ("model",),
+    ),
+    PrivateUse(
+        "torch.distributed.tensor._utils:compute_local_shape_and_global_offset",
+        "call",
+        "restriction.rows",
+        "which rows of a (possibly uneven) Shard(0) DTensor this process holds",
+        ("global_shape", "mesh", "placements"),
+    ),
+    PrivateUse(
+        "torch.distributed.tensor:DTensor._local_tensor",
+        "attribute",
+        "restriction.rows",
+        "the local shard of a gradient or parameter, written in place (to_local() may return a copy)",
+    ),
+    PrivateUse(
+        "torch.ops.mkldnn:_is_mkldnn_bf16_supported",
+        "call",
+        "recipes.arguments",
+        "whether this CPU computes bf16 natively (the demo's autocast choice)",
+    ),
+)
