@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/reproduce_paper.py            # full run: benchmarks/RESULTS.md (+ RESULTS.json), figures/
-    python benchmarks/reproduce_paper.py --quick --output-dir /tmp/alps_quick   # pipeline smoke test (~1-2 min)
+    python benchmarks/reproduce_paper.py --quick    # pipeline smoke test (~1-2 min), into a temporary directory
 
 Protocol (see RESULTS.md for the numbers):
 1. Pretrain a small Llama-architecture model on a "general" instruction corpus (copy, reverse, sort, count,
@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -415,7 +416,12 @@ class Experiment:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 seeds: checks the pipeline only")
-    parser.add_argument("--output-dir", default=HERE, help="where RESULTS.md and figures/ go (default: benchmarks/)")
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where RESULTS.md and figures/ go (default: benchmarks/; --quick: a new temporary directory, so that "
+        "a smoke run never overwrites the committed results)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -424,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine one thread wastes less time waiting than two)",
     )
     args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = tempfile.mkdtemp(prefix="alps_reproduce_quick_") if args.quick else HERE
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging

@@ -167,3 +167,28 @@ def test_reproduce_real_smallest_path_writes_a_result_and_skips_it_on_rerun(tmp_
     again = _run(args, timeout=90)
     assert "0 to run" in again and result.stat().st_mtime_ns == stamp
     assert _bench_files() == before
+
+
+def test_reproduce_paper_quick_without_output_dir_leaves_benchmarks_untouched(monkeypatch, capsys):
+    """`reproduce_paper.py --quick` with no --output-dir writes into a new temporary directory (the experiment and
+    the report writers are stubbed here: this checks where the files go, the smoke test above checks the run)."""
+    sys.path.insert(0, str(BENCH))
+    import reproduce_paper as rp
+
+    class NoExperiment:
+        lr, base_general, sweep, runs, sel = {}, {}, [], [], {}
+
+        def __init__(self, scale, log):
+            pass
+
+        def run(self):
+            pass
+
+    written = []
+    monkeypatch.setattr(rp, "Experiment", NoExperiment)
+    monkeypatch.setattr(rp.report, "figures", lambda exp, folder: [])
+    monkeypatch.setattr(rp.report, "write_report", lambda exp, path, *a: written.append(path))
+    before = _bench_files()
+    rp.main(["--quick"])
+    assert written and not Path(written[0]).resolve().is_relative_to(BENCH.resolve())
+    assert _bench_files() == before

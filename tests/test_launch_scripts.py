@@ -165,3 +165,26 @@ def test_launch_readme_dry_run_commands_run_and_named_files_exist():
         proc = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, (command, proc.stderr)
         assert printed_command(proc.stdout)[:2] == ["accelerate", "launch"]
+
+
+def test_slurm_output_paths_exist_in_a_fresh_clone():
+    """SLURM opens #SBATCH --output/--error before the script runs and cannot create their directory: they must
+    name a file in the submit directory (or a directory the repository ships)."""
+    import re
+
+    for option, path in re.findall(r"^#SBATCH --(output|error)=(\S+)", SBATCH.read_text(), flags=re.M):
+        folder = os.path.dirname(path)
+        assert not folder or (REPO / folder).is_dir(), f"#SBATCH --{option}={path}: {folder}/ is not in the repository"
+
+
+def test_launch_node_creates_its_log_dir(tmp_path):
+    """LOG_DIR that does not exist yet is created, and the node's log written into it (accelerate faked)."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "accelerate").write_text('#!/usr/bin/env bash\necho fake accelerate "$@"\n')
+    (fake_bin / "accelerate").chmod(0o755)
+    log_dir = tmp_path / "new" / "logs"
+    env = {"LOG_DIR": str(log_dir), "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    proc = run(LAUNCH_NODE, env=env, path_prefix=fake_bin)
+    assert proc.returncode == 0, proc.stderr
+    assert "fake accelerate launch" in (log_dir / "node0.log").read_text()

@@ -36,6 +36,7 @@ EXERCISED = {
         "tests/test_demo.py::test_sft_demo_accelerate_launch"
     ),
     'pip install -e ".[dev]" && python -m pytest -q': "tests/test_readme.py::test_quickstart_matches_ci",
+    'python -m pytest -q -m "not slow and not distributed"': "tests/test_readme.py::test_fast_loop_leaves_out_the_slow",
     "accelerate launch recipes/sft_alps.py": "tests/test_demo.py::test_sft_demo_accelerate_launch",
     "accelerate launch recipes/dpo_alps.py": "tests/test_demo.py::test_dpo_demo",
     "python recipes/sft_alps.py --alps_heads outputs/sft_alps_demo/alps_heads.json "
@@ -149,6 +150,23 @@ def test_exercised_command_is_run_by_its_test(command):
             assert flag in source, f"{EXERCISED[command]} does not pass {flag}"
         if script.startswith("recipes/") and script.endswith("_alps.py"):
             check_launch_command(argv)
+
+
+def test_fast_loop_leaves_out_the_slow():
+    """The everyday loop's marker expression selects most tests and none marked slow or distributed."""
+    import subprocess
+    import sys
+
+    def collected(*marker: str) -> set[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", *marker],
+            cwd=REPO, capture_output=True, text=True, timeout=300, env=run_env(),
+        ).stdout  # fmt: skip
+        return {line for line in out.splitlines() if "::" in line}
+
+    fast, heavy = collected("-m", "not slow and not distributed"), collected("-m", "slow or distributed")
+    assert fast and heavy and not fast & heavy
+    assert len(fast) > 4 * len(heavy)
 
 
 def test_quickstart_matches_ci():
