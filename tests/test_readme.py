@@ -36,7 +36,9 @@ EXERCISED = {
         "tests/test_demo.py::test_sft_demo_accelerate_launch"
     ),
     'pip install -e ".[dev]" && python -m pytest -q': "tests/test_readme.py::test_quickstart_matches_ci",
-    'python -m pytest -q -m "not slow and not distributed"': "tests/test_readme.py::test_fast_loop_leaves_out_the_slow",
+    'python -m pytest -q -m "not slow and not distributed"': (
+        "tests/test_readme.py::test_fast_loop_leaves_out_the_slow"
+    ),
     "accelerate launch recipes/sft_alps.py": "tests/test_demo.py::test_sft_demo_accelerate_launch",
     "accelerate launch recipes/dpo_alps.py": "tests/test_demo.py::test_dpo_demo",
     "python recipes/sft_alps.py --alps_heads outputs/sft_alps_demo/alps_heads.json "
