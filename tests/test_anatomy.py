@@ -89,15 +89,7 @@ def test_bad_configs():
 
 
 def test_unwrap_model_strips_wrappers(tiny_llama):
-    class DDPLike(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-    class Compiled(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self._orig_mod = module
-
-    assert unwrap_model(Compiled(DDPLike(tiny_llama))) is tiny_llama
-    assert AttentionLayout.from_model(DDPLike(tiny_llama)).num_layers == 2
+    """torch.compile around DataParallel (the same unwrapping path as DDP, which needs a process group)."""
+    wrapped = torch.compile(torch.nn.DataParallel(tiny_llama))
+    assert unwrap_model(wrapped) is tiny_llama
+    assert AttentionLayout.from_model(torch.nn.DataParallel(tiny_llama)).num_layers == 2

@@ -221,18 +221,18 @@ class AttentionLayout:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP/FSDP/torch.compile/PEFT wrappers down to the module that owns `.config`."""
+    """Strip DDP/DeepSpeed/torch.compile (accelerate's `extract_model_from_parallel`) and PEFT wrappers down to the
+    module that owns `.config`. The model itself is not changed (its forward keeps any mixed-precision wrapper)."""
+    from accelerate.utils import extract_model_from_parallel
+
     import torch
 
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) and not hasattr(model, "config"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
+    for _ in range(8):  # wrappers accelerate does not know: a `.module` attribute and no config of their own
+        if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
             model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module) and not hasattr(model, "config"):
+            model = model.module
         else:
             break
     return model

@@ -118,6 +118,12 @@ PRIVATE_API: tuple[PrivateUse, ...] = (
         "the local shard of a gradient or parameter, written in place (to_local() may return a copy)",
     ),
     PrivateUse(
+        "torch._dynamo.eval_frame:OptimizedModule._orig_mod",
+        "attribute",
+        "trainers.checks",
+        "recognizes a torch.compile'd quantized model, which ALPS refuses (unwrapping itself is accelerate's)",
+    ),
+    PrivateUse(
         "torch.ops.mkldnn:_is_mkldnn_bf16_supported",
         "call",
         "recipes.arguments",

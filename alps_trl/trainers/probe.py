@@ -31,17 +31,15 @@ logger = logging.get_logger(__name__)
 
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
-    """Restore the python, numpy, torch CPU and CUDA RNG states on exit."""
-    py_state, np_state, cpu_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
+    """Restore the python, numpy, torch CPU and CUDA RNG states on exit (torch's through `torch.random.fork_rng`)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 @contextlib.contextmanager
