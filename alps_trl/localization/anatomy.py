@@ -223,9 +223,8 @@ class AttentionLayout:
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """Strip DDP/DeepSpeed/torch.compile (accelerate's `extract_model_from_parallel`) and PEFT wrappers down to the
     module that owns `.config`. The model itself is not changed (its forward keeps any mixed-precision wrapper)."""
-    from accelerate.utils import extract_model_from_parallel
-
     import torch
+    from accelerate.utils import extract_model_from_parallel
 
     model = extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
     for _ in range(8):  # wrappers accelerate does not know: a `.module` attribute and no config of their own
