@@ -17,9 +17,11 @@ _EXPORTS = {
     "AlpsArguments": "alps_trl.trainers.config",
     "AlpsSFTConfig": "alps_trl.trainers.config",
     "AlpsDPOConfig": "alps_trl.trainers.config",
+    "AlpsGRPOConfig": "alps_trl.trainers.config",
     "AlpsTrainerMixin": "alps_trl.trainers.mixin",
     "AlpsSFTTrainer": "alps_trl.trainers.sft",
     "AlpsDPOTrainer": "alps_trl.trainers.dpo",
+    "AlpsGRPOTrainer": "alps_trl.trainers.grpo",
     "merge_delta_checkpoint": "alps_trl.restriction.delta",
 }
 

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from trl import DPOConfig, SFTConfig
+from trl import DPOConfig, GRPOConfig, SFTConfig
 
 from alps_trl.localization.scoring import METRICS
 from alps_trl.localization.selection import STRATEGIES, validate_ratio
@@ -165,6 +165,15 @@ class AlpsSFTConfig(SFTConfig, AlpsArguments):
 @dataclass
 class AlpsDPOConfig(DPOConfig, AlpsArguments):
     """`trl.DPOConfig` plus the `alps_*` options of `AlpsArguments`."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_alps()
+
+
+@dataclass
+class AlpsGRPOConfig(GRPOConfig, AlpsArguments):
+    """`trl.GRPOConfig` plus the `alps_*` options of `AlpsArguments`."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

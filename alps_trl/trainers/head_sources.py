@@ -8,7 +8,6 @@ on the training data, and the broadcast-and-verify step across processes.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 import os
@@ -150,7 +149,7 @@ def training_data_importance(trainer: Any, batches_per_process: int) -> torch.Te
         local = head_importance(
             trainer.model,
             share,
-            loss_fn=functools.partial(probe.training_loss, trainer),
+            loss_fn=trainer._alps_probe_loss,
             device=trainer.args.device,
             progress=probe.shows_progress(trainer),
             train_mode=True,

@@ -233,6 +233,15 @@ class AlpsTrainerMixin:
             and not checkpoints.is_sharded_checkpoint(checkpoint)
         )
 
+    # ---- what the probe and importance scoring train on (the GRPO trainer has no loss of its own for them) --
+    def _alps_probe_dataloader(self) -> torch.utils.data.DataLoader:
+        """The batches of the probe and of importance scoring: the training set in one seeded order."""
+        return probe_module.probe_dataloader(self)
+
+    def _alps_probe_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The loss the probe and importance scoring differentiate: the trainer's own (`compute_loss`)."""
+        return probe_module.training_loss(self, model, batch)
+
     # ---- setup --------------------------------------------------------------------------------
     def _alps_after_trl_init(self) -> None:
         """Hook for the trainer classes: runs right after the TRL constructor, before the checks and localization."""

@@ -65,6 +65,21 @@ PRIVATE_API: tuple[PrivateUse, ...] = (
         "the DeepSpeed engine TRL builds once for precomputing reference log-probs (reused as TRL does)",
     ),
     PrivateUse(
+        "trl.generation.vllm_generation:VLLMGeneration._iter_named_params",
+        "patch",
+        "trainers.vllm_sync",
+        "delta mode: vLLM must receive base + delta for the restricted q/k/v and no delta tensors; sync_weights "
+        "has no hook for what it pushes",
+        ("self",),
+    ),
+    PrivateUse(
+        "trl.generation.vllm_generation:VLLMGeneration._fix_param_name_to_vllm",
+        "call",
+        "trainers.vllm_sync",
+        "the names vLLM receives, to match the deltas to the pushed tensors",
+        ("self", "name"),
+    ),
+    PrivateUse(
         "transformers.trainer:Trainer._prepare_inputs",
         "call",
         "trainers.probe",

@@ -88,7 +88,7 @@ def process_share(trainer: Any) -> Iterator[dict[str, Any]]:
     """
     accelerator = trainer.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
-    return itertools.islice(itertools.cycle(probe_dataloader(trainer)), rank, None, world)
+    return itertools.islice(itertools.cycle(trainer._alps_probe_dataloader()), rank, None, world)
 
 
 def average_gradients(params: list[torch.Tensor], world: int) -> None:
@@ -195,7 +195,7 @@ def run_probe(trainer: Any, steps: int) -> tuple[dict[str, torch.Tensor], dict[s
             with bar:
                 for _ in range(steps):
                     for _ in range(accumulation):
-                        loss = training_loss(trainer, model, next(batches))
+                        loss = trainer._alps_probe_loss(model, next(batches))
                         (loss / accumulation).backward()
                     average_gradients(trainable, world)
                     for param, master in zip(trainable, masters):

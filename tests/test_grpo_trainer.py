@@ -1,0 +1,224 @@
+"""AlpsGRPOTrainer: the drop-in swap, exactness, the reference without a second copy, vLLM pushes, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from trainer_helpers import assert_restricted, common_args, qkv_snapshot, save_tiny_model, tiny_model, tiny_tokenizer
+
+from alps_trl import AlpsGRPOConfig, AlpsGRPOTrainer
+
+PAIRS = [(a, b) for a in range(8) for b in range(2)]
+PROMPTS = [f"Question: what is {a} plus {b}? Answer:" for a, b in PAIRS]
+
+
+def grpo_dataset(answers: bool = True):
+    """TRL's GRPO example shape: a "prompt" column, plus the reference "solution" (as trl-lib/DeepMath-103K)."""
+    from datasets import Dataset
+
+    rows = {"prompt": PROMPTS}
+    if answers:
+        rows["solution"] = [f" {a + b}." for a, b in PAIRS]
+    return Dataset.from_dict(rows)
+
+
+def length_reward(completions, **kwargs):
+    """A verifiable reward: shorter completions score higher."""
+    return [1.0 / (1 + len(c)) for c in completions]
+
+
+def digit_reward(completions, **kwargs):
+    return [float(any(ch.isdigit() for ch in c)) for c in completions]
+
+
+def grpo_config(output_dir, plain: bool = False, **overrides):
+    from trl import GRPOConfig
+
+    args = common_args(str(output_dir), per_device_train_batch_size=4, num_generations=4, max_completion_length=6)
+    args.pop("gradient_checkpointing")
+    args.update(max_steps=2, learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.5, alps_probe_steps=1)
+    args.update(overrides)
+    if plain:
+        args = {k: v for k, v in args.items() if not k.startswith("alps_")}
+        return GRPOConfig(**args)
+    return AlpsGRPOConfig(**args)
+
+
+def build(tmp_path, model=None, dataset=None, reward_funcs=(length_reward,), plain=False, **overrides):
+    return AlpsGRPOTrainer(
+        model=model if model is not None else tiny_model(),
+        reward_funcs=list(reward_funcs),
+        args=grpo_config(tmp_path / "out", plain=plain, **overrides),
+        train_dataset=dataset if dataset is not None else grpo_dataset(),
+        processing_class=tiny_tokenizer(),
+    )
+
+
+def test_drop_in_swap_with_a_plain_grpo_config(tmp_path):
+    """TRL's documented shape: prompts, reward functions as callables, a plain GRPOConfig (default ALPS options:
+    10% of heads by a probe on the reference solutions)."""
+    from trl import GRPOConfig
+
+    trainer = build(tmp_path, reward_funcs=(length_reward, digit_reward), plain=True)
+    assert isinstance(trainer.args, GRPOConfig) and trainer._alps_source == "probe"
+    before = qkv_snapshot(trainer.model)
+    trainer.train()
+    assert_restricted(before, trainer.model, trainer.head_selection)
+    assert any("rewards/digit_reward/mean" in h for h in trainer.state.log_history)
+
+
+@pytest.mark.parametrize(
+    ("mode", "rest"), [("mask", True), ("mask", False), ("delta", True), ("delta", False)], ids=str
+)
+def test_unselected_rows_bit_identical(tmp_path, mode, rest):
+    """beta > 0, weight decay, clipping, gradient accumulation: unselected q/k/v rows come out bit-identical."""
+    trainer = build(
+        tmp_path, alps_mode=mode, alps_train_non_attention=rest, beta=0.1, gradient_accumulation_steps=2, max_steps=2
+    )
+    before = qkv_snapshot(trainer.model)
+    trainer.train()
+    if mode == "delta":
+        trainer.restriction.merge(trainer.model)
+    assert_restricted(before, trainer.model, trainer.head_selection)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+
+
+@pytest.mark.parametrize(("mode", "rest", "kind"), [("delta", False, "parameter-free"), ("mask", False,
+                         "parameter-free"), ("delta", True, "copy")], ids=str)  # fmt: skip
+def test_reference_equals_a_frozen_copy_before_and_after_a_step(tmp_path, mode, rest, kind):
+    """The reference's KL term: the no-copy reference (and ALPS's own frozen copy) compute as the untouched base,
+    at step 0 and after training; the policy has moved."""
+    model = tiny_model()
+    frozen = copy.deepcopy(model).eval()
+    trainer = build(tmp_path, model=model, alps_mode=mode, alps_train_non_attention=rest, beta=0.1, max_steps=1)
+    assert trainer.reference_kind == kind
+    if kind == "parameter-free":
+        assert not list(trainer.ref_model.parameters()), "the parameter-free reference holds no weights"
+    ids = tiny_tokenizer()(PROMPTS[:3], return_tensors="pt", padding=True)["input_ids"]
+
+    def kl(policy_logits, ref_logits):
+        p = torch.log_softmax(policy_logits, -1)
+        return (p.exp() * (p - torch.log_softmax(ref_logits, -1))).sum(-1).mean()
+
+    torch.testing.assert_close(_logits(trainer.ref_model, ids), _logits(frozen, ids), rtol=0, atol=1e-5)
+    trainer.train()
+    ref, base = _logits(trainer.ref_model, ids), _logits(frozen, ids)
+    torch.testing.assert_close(ref, base, rtol=0, atol=1e-5)
+    policy = _logits(trainer.model, ids)
+    assert kl(policy, ref) > 0
+    torch.testing.assert_close(kl(policy, ref), kl(policy, base), rtol=1e-4, atol=1e-7)
+
+
+def test_beta_with_a_model_from_a_path_loads_it_once(tmp_path, monkeypatch):
+    """TRL would load the model a second time by name for the reference; ALPS copies it in memory."""
+    import trl.trainer.grpo_trainer as grpo
+
+    loads = []
+    original = grpo.create_model_from_path
+    monkeypatch.setattr(grpo, "create_model_from_path", lambda *a, **k: loads.append(a) or original(*a, **k))
+    path = save_tiny_model(str(tmp_path / "base"))
+    trainer = build(tmp_path, model=path, beta=0.1, alps_train_non_attention=True)
+    assert len(loads) == 1 and trainer.reference_kind == "copy"
+    trainer.train()
+
+
+def test_beta_with_a_model_built_in_memory(tmp_path):
+    """A model with no name to reload (TRL: OSError) trains with a KL term."""
+    model = tiny_model()
+    model.config._name_or_path = ""
+    trainer = build(tmp_path, model=model, beta=0.1, alps_train_non_attention=True)
+    trainer.train()
+    assert any(h.get("kl", 0) > 0 for h in trainer.state.log_history)
+
+
+def test_no_source_of_heads_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="no reference answers"):
+        build(tmp_path, dataset=grpo_dataset(answers=False))
+    # A heads source that needs no answers works on the same data.
+    trainer = build(tmp_path, dataset=grpo_dataset(answers=False), alps_strategy="random")
+    assert trainer._alps_source == "random"
+
+
+def test_reward_function_returning_the_wrong_length_is_refused(tmp_path):
+    trainer = build(tmp_path, reward_funcs=(lambda completions, **kw: [1.0, 2.0, 3.0],))
+    before = qkv_snapshot(trainer.model)
+    with pytest.raises(ValueError, match="returned 3 rewards"):
+        trainer.train()
+    after = qkv_snapshot(trainer.model)
+    assert all(torch.equal(before[n], after[n]) for n in before), "a step ran before the refusal"
+
+
+class _RecordingClient:
+    """Stands in for trl's VLLMClient (server mode): records what update_named_params receives."""
+
+    def __init__(self):
+        self.pushed: dict[str, torch.Tensor] = {}
+        self.metadata = None
+
+    def update_named_params(self, metadata, named_params):
+        self.metadata = metadata
+        self.pushed = {name: tensor.detach().clone() for name, tensor in named_params}
+
+    def reset_prefix_cache(self):
+        pass
+
+
+class _RecordingLLM:
+    """Stands in for vllm.LLM (colocate mode): load_weights receives (name, tensor) pairs."""
+
+    def __init__(self):
+        self.pushed: dict[str, torch.Tensor] = {}
+        runner = type("Runner", (), {"model": type("Model", (), {"load_weights": self.load})()})()
+        worker = type("Worker", (), {"model_runner": runner})()
+        executor = type("Executor", (), {"driver_worker": worker})()
+        self.llm_engine = type("Engine", (), {"model_executor": executor})()
+
+    def load(self, weights):
+        for name, tensor in weights:
+            self.pushed[name] = tensor.detach().clone()
+
+    def reset_prefix_cache(self):
+        pass
+
+
+def _generation(trainer, mode):
+    """TRL's own VLLMGeneration (sync_weights, parameter iteration) with the vLLM side replaced by a recorder."""
+    from trl.distributed import DistributedBackend
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from alps_trl.trainers.vllm_sync import push_effective_weights
+
+    gen = object.__new__(VLLMGeneration)
+    gen.model, gen.accelerator, gen.mode = trainer.model, trainer.accelerator, mode
+    gen._dist, gen._weight_metadata, gen.enable_sleep_mode = DistributedBackend(trainer.accelerator), None, False
+    recorder = _RecordingClient() if mode == "server" else _RecordingLLM()
+    if mode == "server":
+        gen.vllm_client = recorder
+    else:
+        gen.llm = recorder
+    push_effective_weights(gen, trainer)
+    return gen, recorder
+
+
+@pytest.mark.parametrize("vllm_mode", ["server", "colocate"])
+@pytest.mark.parametrize("mode", ["delta", "mask"])
+def test_vllm_receives_the_effective_weights(tmp_path, mode, vllm_mode):
+    trainer = build(tmp_path, alps_mode=mode, alps_train_non_attention=False, max_steps=1)
+    trainer.train()
+    gen, recorder = _generation(trainer, vllm_mode)
+    gen.sync_weights()
+    merged = copy.deepcopy(trainer.model)
+    if mode == "delta":
+        trainer.restriction.merge(merged)  # the weights the policy computes with, as a plain model
+    expected = dict(merged.named_parameters())
+    assert set(recorder.pushed) == set(expected), "delta tensors must not reach vLLM; every weight must"
+    for name, tensor in expected.items():
+        assert torch.equal(recorder.pushed[name], tensor.detach()), name
+    if vllm_mode == "server":
+        assert [m[0] for m in recorder.metadata] == list(recorder.pushed)
