@@ -45,7 +45,7 @@ def make_tiny_base(path: Path) -> Path:
 
     from alps_trl.testing import build_tokenizer, tiny_model
 
-    if not (path / "config.json").is_file():
+    if not (path / "data_grpo").is_dir():
         tiny_model("llama", seed=0).save_pretrained(path)
         build_tokenizer(CORPUS, vocab_size=512).save_pretrained(path)
         Dataset.from_dict({"text": CORPUS[:32]}).save_to_disk(str(path / "data_sft"))
@@ -56,6 +56,12 @@ def make_tiny_base(path: Path) -> Path:
                 "rejected": [f" Answer: {a + 7}, the fox." for a in range(16)],
             }
         ).save_to_disk(str(path / "data_dpo"))
+        Dataset.from_dict(
+            {
+                "prompt": [f"Question: what is {a} plus 1?" for a in range(16)],
+                "solution": [f" {a + 1}" for a in range(16)],
+            }
+        ).save_to_disk(str(path / "data_grpo"))
     return path
 
 

@@ -29,6 +29,8 @@ SCENARIOS = [
     "dpo-delta-memory",
     "dpo-delta-memory-copyref",
     "sft-probe",
+    "grpo-mask",
+    "grpo-delta",
 ]
 
 
@@ -53,6 +55,10 @@ def test_ddp_two_ranks_unselected_rows_exact(ddp_run, scenario):
         assert reports[0]["reference_kind"] == "parameter-free"
     elif scenario in ("dpo-delta", "dpo-delta-memory"):
         assert reports[0]["reference_kind"] == "precomputed"
+    elif scenario == "grpo-mask":
+        assert reports[0]["reference_kind"] == "copy"
+    elif scenario == "grpo-delta":
+        assert reports[0]["reference_kind"] == "parameter-free"
 
 
 def test_ddp_probe_ranks_train_on_their_own_shares(ddp_run):

@@ -22,7 +22,16 @@ from distributed_helpers import (
 
 pytestmark = pytest.mark.distributed
 
-TWO_RANK = ["sft-mask", "sft-delta", "dpo-mask", "sft-mask-resume", "sft-delta-resume", "sft-delta-bf16"]
+TWO_RANK = [
+    "sft-mask",
+    "sft-delta",
+    "dpo-mask",
+    "sft-mask-resume",
+    "sft-delta-resume",
+    "sft-delta-bf16",
+    "grpo-mask",
+    "grpo-delta",
+]
 THREE_RANK = ["sft-mask", "sft-delta"]
 
 
@@ -48,6 +57,10 @@ def test_fsdp2_two_ranks_unselected_rows_exact(fsdp2_run, scenario):
     if scenario.startswith("dpo"):
         # Sharded backends precompute the reference log-probs instead of swapping rows inside the sharded policy.
         assert reports[0]["reference_kind"] == "precomputed"
+    elif scenario == "grpo-mask":  # mask mode, the rest training: a frozen copy, sharded like the policy
+        assert reports[0]["reference_kind"] == "copy"
+    elif scenario == "grpo-delta":  # delta mode, heads only: the deltas switched off, even under FSDP2
+        assert reports[0]["reference_kind"] == "parameter-free"
 
 
 def test_fsdp2_bf16_base_delta_mode_takes_the_trainable_dtype(fsdp2_run):

@@ -53,6 +53,9 @@ SCENARIOS = {
     "dpo-importance": ("dpo", "mask", False),
     # No selection given, strategy top_k: the probe, each rank on its own share of the batches.
     "sft-probe": ("sft", "delta", True),
+    # GRPO with a KL term: a frozen copy as the reference (the rest trains), or the parameter-free one (heads only).
+    "grpo-mask": ("grpo", "mask", True),
+    "grpo-delta": ("grpo", "delta", False),
 }
 PROBE_STEPS = 2
 IMPORTANCE_BATCHES = 2  # per rank
@@ -130,7 +133,16 @@ def make_config(
     )
     if kind == "sft":
         return AlpsSFTConfig(max_length=48, **common)
+    if kind == "grpo":
+        from alps_trl.trainers.config import AlpsGRPOConfig
+
+        return AlpsGRPOConfig(num_generations=2, max_completion_length=4, beta=0.1, **common)
     return AlpsDPOConfig(max_length=48, beta=0.1, **common)
+
+
+def length_reward(completions, **kwargs):
+    """A verifiable reward for the GRPO scenarios (it varies within a group, so the advantages are not zero)."""
+    return [1.0 / (1 + len(c)) for c in completions]
 
 
 def mark_fsdp_switch() -> None:
@@ -286,6 +298,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
     from alps_trl.localization.anatomy import AttentionLayout, unwrap_model
     from alps_trl.restriction.delta import merge_state_dict
     from alps_trl.trainers.dpo import AlpsDPOTrainer
+    from alps_trl.trainers.grpo import AlpsGRPOTrainer
     from alps_trl.trainers.sft import AlpsSFTTrainer
 
     kind, mode, non_attention = SCENARIOS[name]
@@ -300,9 +313,11 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
         if args.deepspeed:
             mark_deepspeed_switch(config)
         model = load_base(args.base, four_bit, dtype)
-        trainer_cls = AlpsSFTTrainer if kind == "sft" else AlpsDPOTrainer
+        trainer_cls = {"sft": AlpsSFTTrainer, "dpo": AlpsDPOTrainer, "grpo": AlpsGRPOTrainer}[kind]
         selection = None if heads is None else selection_for(heads)
         extra = {"ref_model": copy.deepcopy(model)} if name.endswith("-copyref") else {}
+        if kind == "grpo":
+            extra = {"reward_funcs": [length_reward]}
         trainer = trainer_cls(
             model=model,
             **extra,
