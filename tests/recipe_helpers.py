@@ -13,7 +13,7 @@ from functools import cache
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"recipes/sft_alps.py": "sft", "recipes/dpo_alps.py": "dpo"}
+SCRIPTS = {"recipes/sft_alps.py": "sft", "recipes/dpo_alps.py": "dpo", "recipes/grpo_alps.py": "grpo"}
 ACCELERATE_CONFIG_DIR = "recipes/accelerate_configs"
 RECIPE_MARKER = re.compile(r"^# alps-recipe: (.*)$", re.MULTILINE)
 

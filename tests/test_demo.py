@@ -21,7 +21,8 @@ from alps_trl.localization.selection import HeadSelection
 TIME_LIMIT_S = 180
 DEMO_HEADS = 27  # ceil(0.1 * 30 layers * 9 heads): SmolLM2-135M-Instruct
 TOY_HEADS = 4  # ceil(0.1 * 4 layers * 8 heads)
-TOY_SFT, TOY_DPO = "recipes/demo/toy_sft.yaml", "recipes/demo/toy_dpo.yaml"
+TOY_SFT, TOY_DPO, TOY_GRPO = "recipes/demo/toy_sft.yaml", "recipes/demo/toy_dpo.yaml", "recipes/demo/toy_grpo.yaml"
+GRPO_TIME_LIMIT_S = 300  # the issue's budget for the GRPO demo on 2 CPU cores
 EXACT_MATCH = re.compile(
     r"^Exact match on \d+ held-out prompts \(greedy\): before ([0-9.]+)% -> after ([0-9.]+)%", re.MULTILINE
 )
@@ -120,6 +121,37 @@ def test_dpo_demo(tmp_path):
     before, after = exact_match(output)
     assert after > before, f"exact match with the chosen answers {before}% -> {after}%"
     assert all(b != a for _, b, a in examples(output))
+    assert (out / "model.safetensors").is_file() and (out / "alps_heads.json").is_file()
+
+
+@pytest.mark.slow
+def test_grpo_demo(tmp_path):
+    """`accelerate launch recipes/grpo_alps.py`: SmolLM2 learns to answer held-out sums with the bare number."""
+    smollm2_gguf_or_skip()
+    out = tmp_path / "out"
+    output, seconds = run_recipe(accelerate_launch() + ["recipes/grpo_alps.py", "--output_dir", str(out)], tmp_path)
+    print(f"\nGRPO demo: {seconds:.1f} s wall")
+    assert "Base model: SmolLM2-135M-Instruct" in output and f"Selected heads ({DEMO_HEADS}/270):" in output
+    assert "ALPS GRPO reference: parameter-free" in output
+    before, after = exact_match(output)
+    assert before == 0.0 and after > before, f"held-out exact match {before}% -> {after}%"
+    rewards = re.findall(
+        r"^Mean reward (\w+) on the same prompts \(greedy\): before ([0-9.]+) -> after ([0-9.]+)", output, re.M
+    )
+    assert {name for name, _, _ in rewards} == {"answer_correct", "answer_format"}
+    assert all(float(a) > float(b) for name, b, a in rewards if name == "answer_format")
+    assert (out / "model.safetensors").is_file() and (out / "alps_heads.json").is_file()
+    if seconds > GRPO_TIME_LIMIT_S:
+        print(f"GRPO demo over its {GRPO_TIME_LIMIT_S} s budget ({seconds:.0f} s): were the cores shared?")
+
+
+def test_toy_grpo_recipe(tmp_path):
+    """`accelerate launch recipes/grpo_alps.py --config recipes/demo/toy_grpo.yaml`: trains, reports rewards."""
+    out = tmp_path / "out"
+    argv = accelerate_launch() + ["recipes/grpo_alps.py", "--config", TOY_GRPO, "--output_dir", str(out)]
+    output, _ = run_recipe(argv, tmp_path)
+    assert f"Selected heads ({TOY_HEADS}/32):" in output and "ALPS GRPO reference: parameter-free" in output
+    assert EXACT_MATCH.search(output) and "Mean reward answer_format on the same prompts" in output
     assert (out / "model.safetensors").is_file() and (out / "alps_heads.json").is_file()
 
 

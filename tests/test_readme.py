@@ -41,6 +41,7 @@ EXERCISED = {
     ),
     "accelerate launch recipes/sft_alps.py": "tests/test_demo.py::test_sft_demo_accelerate_launch",
     "accelerate launch recipes/dpo_alps.py": "tests/test_demo.py::test_dpo_demo",
+    "accelerate launch recipes/grpo_alps.py": "tests/test_demo.py::test_grpo_demo",
     "python recipes/sft_alps.py --alps_heads outputs/sft_alps_demo/alps_heads.json "
     "--output_dir outputs/sft_alps_reuse": "tests/test_demo.py::test_reuse_saved_heads_skips_localization",
     "python recipes/demo/build_demo_assets.py --check": "tests/test_demo.py::test_demo_assets_are_reproducible",
@@ -59,6 +60,7 @@ CHECKED = {
     f"{_ACC}/fsdp2.yaml recipes/sft_alps.py --config {_8B}/general/config_alps.yaml": "launch",
     f"{_ACC}/single_gpu.yaml recipes/sft_alps.py --config {_8B}/general/config_alps_4bit.yaml": "launch",
     f"{_ACC}/multi_gpu.yaml recipes/dpo_alps.py --config {_1B}/dpo/config_alps.yaml": "launch",
+    f"{_ACC}/multi_gpu.yaml recipes/grpo_alps.py --config {_1B}/grpo/config_alps.yaml": "launch",
     f"{_ACC}/fsdp2.yaml recipes/sft_alps.py --config {_8B}/math/config_alps.yaml "
     "--alps_heads outputs/llama-3.1-8b-math-heads.json --dataset_name camel-ai/math --dataset_format camel_math "
     "--output_dir outputs/llama-3.1-8b-camel-math-alps": "launch",

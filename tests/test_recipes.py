@@ -23,12 +23,19 @@ from recipe_helpers import (
 from alps_trl.recipes import arguments as recipe_utils
 
 RECIPES = recipe_yamls()
-PAPER_SFT = [r for r in RECIPES if "/dpo/" not in r]
-EXPECTED_RECIPES = {
-    f"recipes/{model}/{task}/config_alps.yaml"
-    for model in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
-    for task in ("general", "math", "code")
-} | {"recipes/llama-3.2-1b/dpo/config_alps.yaml", "recipes/llama-3.1-8b/general/config_alps_4bit.yaml"}
+PAPER_SFT = [r for r in RECIPES if "/dpo/" not in r and "/grpo/" not in r]
+EXPECTED_RECIPES = (
+    {
+        f"recipes/{model}/{task}/config_alps.yaml"
+        for model in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
+        for task in ("general", "math", "code")
+    }
+    | {"recipes/llama-3.2-1b/dpo/config_alps.yaml", "recipes/llama-3.1-8b/general/config_alps_4bit.yaml"}
+    | {
+        "recipes/llama-3.2-1b/grpo/config_alps.yaml",
+        "recipes/llama-3.1-8b/grpo/config_alps.yaml",
+    }
+)
 
 
 def test_all_paper_recipes_exist():

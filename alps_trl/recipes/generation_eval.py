@@ -28,6 +28,7 @@ class GenerationResult:
     references: list[str]
     generations: list[str]
     matches: list[bool] = field(default_factory=list)
+    rewards: dict[str, float] = field(default_factory=dict)  # GRPO: mean reward per reward function
 
     @property
     def exact_match(self) -> float:
@@ -44,17 +45,22 @@ def _content(value: Any) -> str:
     raise ValueError(f"Cannot read a reference answer from {value!r:.200}.")
 
 
+# Where a split's reference answer is, by training kind: SFT, DPO, GRPO.
+ANSWER_COLUMNS = ("completion", "chosen", "solution", "answer")
+
+
 def prompts_and_references(dataset: Any, limit: int | None = None) -> tuple[list[Any], list[str]]:
     """(prompts, reference answers) of an evaluation split in TRL's prompt-completion or preference format.
 
-    The reference is the ``completion`` (SFT) or the ``chosen`` answer (DPO). Rows are taken in order, at most
+    The reference is the ``completion`` (SFT), the ``chosen`` answer (DPO) or the ``solution`` (GRPO). Rows are
+    taken in order, at most
     `limit`. Raises ValueError when the split has no prompt column or no completion/chosen column.
     """
     columns = list(getattr(dataset, "column_names", None) or [])
-    answer = "completion" if "completion" in columns else "chosen" if "chosen" in columns else None
+    answer = next((c for c in ANSWER_COLUMNS if c in columns), None)
     if "prompt" not in columns or answer is None:
         raise ValueError(
-            f"Generation evaluation needs 'prompt' and 'completion' (or 'chosen') columns; the evaluation split has "
+            f"Generation evaluation needs 'prompt' and one of {ANSWER_COLUMNS} columns; the evaluation split has "
             f"{columns}. Set --eval_generations 0 to skip it."
         )
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
@@ -143,6 +149,10 @@ def comparison_lines(before: GenerationResult | None, after: GenerationResult, e
     head = f"Exact match on {n} held-out prompts (greedy): "
     head += f"before {100 * before.exact_match:.1f}% -> after " if before is not None else ""
     lines = [head + f"{100 * after.exact_match:.1f}%"]
+    if after.rewards:
+        for name, value in after.rewards.items():
+            was = f"before {before.rewards[name]:.3f} -> after " if before is not None and before.rewards else ""
+            lines.append(f"Mean reward {name} on the same prompts (greedy): {was}{value:.3f}")
     for i in range(min(examples, n)):
         lines.append(f"  prompt:   {after.prompts[i]!r}")
         if before is not None:

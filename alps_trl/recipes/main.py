@@ -20,11 +20,15 @@ from alps_trl.recipes import arguments as ru
 logger = logging.get_logger(__name__)
 
 # recipe kind -> (trainer class name in alps_trl, dataset kind of alps_trl.recipes.data.format_dataset)
-KINDS = {"sft": ("AlpsSFTTrainer", "sft"), "dpo": ("AlpsDPOTrainer", "preference")}
+KINDS = {
+    "sft": ("AlpsSFTTrainer", "sft"),
+    "dpo": ("AlpsDPOTrainer", "preference"),
+    "grpo": ("AlpsGRPOTrainer", "grpo"),
+}
 
 
 def main(kind: str, script_args: Any, training_args: Any, model_args: Any) -> Any:
-    """Run one recipe of `kind` ("sft" or "dpo"); returns the trainer."""
+    """Run one recipe of `kind` ("sft", "dpo" or "grpo"); returns the trainer."""
     import transformers
     from packaging.version import Version
 
@@ -40,8 +44,14 @@ def main(kind: str, script_args: Any, training_args: Any, model_args: Any) -> An
     train_dataset, eval_dataset = ru.prepare_datasets(script_args, data_kind, want_eval)
     model, tokenizer = ru.load_model_and_tokenizer(script_args, training_args, model_args)
 
+    extra = {}
+    if kind == "grpo":
+        from alps_trl.recipes.rewards import reward_functions
+
+        extra["reward_funcs"] = reward_functions(script_args.reward_funcs)
     trainer = getattr(alps_trl, trainer_name)(
         model=model,
+        **extra,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -95,7 +105,7 @@ def generation_eval(trainer: Any, script_args: Any, eval_dataset: Any, when: str
     from alps_trl.recipes.generation_eval import generate_answers, prompts_and_references
 
     prompts, references = prompts_and_references(eval_dataset, script_args.eval_generations)
-    return generate_answers(
+    result = generate_answers(
         trainer.model,
         trainer.processing_class,
         prompts,
@@ -105,6 +115,14 @@ def generation_eval(trainer: Any, script_args: Any, eval_dataset: Any, when: str
         desc=f"Exact match {when}",
         disable_progress=bool(trainer.args.disable_tqdm),
     )
+    reward_funcs = [f for f in getattr(trainer, "reward_funcs", []) if callable(f) and hasattr(f, "__name__")]
+    if reward_funcs:  # GRPO: the rewards of the greedy answers, with the split's columns as the trainer passes them
+        n = len(prompts)
+        columns = {c: list(eval_dataset.select(range(n))[c]) for c in eval_dataset.column_names if c != "prompt"}
+        for func in reward_funcs:
+            scores = func(prompts=prompts, completions=result.generations, **columns)
+            result.rewards[func.__name__] = sum(scores) / max(1, len(scores))
+    return result
 
 
 def script_entry(kind: str, make_parser, argv: list[str], demo_dir: str | os.PathLike) -> Any:

@@ -13,6 +13,9 @@ python recipes/demo/build_demo_assets.py --check    # verify the committed asset
 Layout written:
     data/reverse_words/{train,test}.jsonl   SFT demo (SmolLM2): reverse four words; the base model fails it
     data/terse_answers/{train,test}.jsonl   DPO demo (SmolLM2): prefer the bare answer to a full sentence
+    data/addition/{train,test}.jsonl        GRPO demo (SmolLM2): "What is 2 + 3?" with the number as solution; the
+                                            base answers "2 + 3 = 5", never with the bare number
+    data/addition_text/{train,test}.jsonl   the same prompts as plain text, for the toy model (GRPO)
     data/sft/{train,test}.jsonl   toy model, Alpaca columns: instruction, input, output
     data/dpo/{train,test}.jsonl   UltraFeedback-binarized columns: prompt, chosen, rejected (message lists)
     model/config.json             the toy: a small Llama (grouped-query attention), randomly initialised
@@ -105,6 +108,26 @@ CAPITALS_DEMO = {
     "Switzerland": "Bern", "Luxembourg": "Luxembourg", "Albania": "Tirana", "Cyprus": "Nicosia", "Malta": "Valletta",
 }  # fmt: skip
 NUM_TERSE_TEST = 30
+
+
+NUM_ADDITION_TEST = 21
+ADDITION_PROMPT = "What is {a} + {b}? Reply with the number only."
+
+
+def _addition_rows(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """GRPO prompts (chat format) with the exact answer as "solution"; test pairs (a, b) never occur in train."""
+    pairs = [(a, b) for a in range(1, 10) for b in range(1, 10)]
+    rng.shuffle(pairs)
+
+    def row(a: int, b: int) -> dict:
+        return {"prompt": [{"role": "user", "content": ADDITION_PROMPT.format(a=a, b=b)}], "solution": str(a + b)}
+
+    return [row(a, b) for a, b in pairs[NUM_ADDITION_TEST:]], [row(a, b) for a, b in pairs[:NUM_ADDITION_TEST]]
+
+
+def _addition_text_rows(rows: list[dict]) -> list[dict]:
+    """The same prompts as plain text (the toy model's tokenizer has no chat template)."""
+    return [{"prompt": f"Question: {r['prompt'][0]['content']} Answer:", "solution": r["solution"]} for r in rows]
 
 
 def _reverse_rows(rng: random.Random) -> tuple[list[dict], list[dict]]:
@@ -253,7 +276,12 @@ def build(out_dir: str) -> list[str]:
     dpo = [_dpo_example(rng) for _ in range(sum(NUM_DPO))]
     reverse_train, reverse_test = _reverse_rows(random.Random(SEED))
     terse_train, terse_test = _terse_rows(random.Random(SEED))
+    addition_train, addition_test = _addition_rows(random.Random(SEED))
     files = {
+        "data/addition/train.jsonl": addition_train,
+        "data/addition/test.jsonl": addition_test,
+        "data/addition_text/train.jsonl": _addition_text_rows(addition_train),
+        "data/addition_text/test.jsonl": _addition_text_rows(addition_test),
         "data/reverse_words/train.jsonl": reverse_train,
         "data/reverse_words/test.jsonl": reverse_test,
         "data/terse_answers/train.jsonl": terse_train,
