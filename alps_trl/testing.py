@@ -105,3 +105,38 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "right"
     return fast
+
+
+class RecordingVLLMClient:
+    """Stands in for TRL's `VLLMClient` (server mode): keeps the last tensors `update_named_params` received."""
+
+    def __init__(self) -> None:
+        self.pushed: dict[str, torch.Tensor] = {}
+        self.metadata: list | None = None
+
+    def update_named_params(self, metadata: list, named_params) -> None:
+        self.metadata = metadata
+        self.pushed = {name: tensor.detach().clone() for name, tensor in named_params}
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+
+def recording_vllm_generation(trainer: Any, client: Any, mode: str = "server") -> Any:
+    """TRL's own `VLLMGeneration` (its `sync_weights` and parameter iteration) for `trainer`'s policy, with the
+    vLLM side replaced by `client` (server mode: a `RecordingVLLMClient`; colocate: an object with the `LLM` API
+    that sync_weights uses), and ALPS's effective-weights push installed as the trainer installs it."""
+    from trl.distributed import DistributedBackend
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from alps_trl.trainers.vllm_sync import push_effective_weights
+
+    gen = object.__new__(VLLMGeneration)
+    gen.model, gen.accelerator, gen.mode = trainer.model, trainer.accelerator, mode
+    gen._dist, gen._weight_metadata, gen.enable_sleep_mode = DistributedBackend(trainer.accelerator), None, False
+    if mode == "server":
+        gen.vllm_client = client
+    else:
+        gen.llm = client
+    push_effective_weights(gen, trainer)
+    return gen

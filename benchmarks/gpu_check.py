@@ -7,7 +7,10 @@ Sections, each independent (a failure is printed with its traceback and the next
    bf16 quant storage), ALPS delta restriction, a few AdamW steps. Checks: every delta receives a finite, non-zero
    gradient; every base parameter (the packed 4-bit weights included) stays bit-identical; the deltas change; with
    the deltas switched off (the DPO reference) the model computes exactly what it computed before training.
-3. bf16 step time and peak GPU memory on a Llama-3.2-1B-shaped random model (16 layers, 32 heads, 8 kv heads,
+3. GRPO in delta mode (AlpsGRPOTrainer, bf16, a KL term): the reference is parameter-free, the base weights stay
+   bit-identical, and what TRL's sync_weights would push to vLLM is base + delta (a recording client stands in
+   for the vLLM server; vllm itself is only imported, when installed).
+4. bf16 step time and peak GPU memory on a Llama-3.2-1B-shaped random model (16 layers, 32 heads, 8 kv heads,
    d 2048, intermediate 8192, vocab 128256, built from its config): full fine-tuning, ALPS mask and delta (with
    the rest of the network training, the paper's setting, and attention-only), and LoRA r128 (peft, all linear
    layers of the decoder). Same data, AdamW, median step time over timed steps after warm-up. ALPS rows also
@@ -252,6 +255,74 @@ def four_bit_delta(device: torch.device, dims: dict, steps: int, entry: dict[str
 
 
 # ---- section 3 ------------------------------------------------------------------------------------------------
+def grpo_delta_and_vllm_push(device: torch.device, entry: dict[str, Any]) -> None:
+    """Section 3: two GRPO steps of a tiny Llama in delta mode (bf16 on CUDA) with a KL term, through
+    AlpsGRPOTrainer. Checks: the reference is parameter-free, unselected q/k/v rows stay bit-identical, and what
+    TRL's sync_weights pushes to vLLM (server mode, a recording client) is base + delta. With vllm installed it
+    is also imported, so a broken install shows here."""
+    import tempfile
+
+    from datasets import Dataset
+
+    from alps_trl import AlpsGRPOConfig, AlpsGRPOTrainer
+    from alps_trl.testing import RecordingVLLMClient, build_tokenizer, recording_vllm_generation
+
+    prompts = [f"Question: what is {a} plus {b}? Answer:" for a in range(8) for b in range(2)]
+    data = Dataset.from_dict({"prompt": prompts, "solution": [str(a + b) for a in range(8) for b in range(2)]})
+    model = llama(TINY, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = AlpsGRPOConfig(
+        tempfile.mkdtemp(prefix="alps_gpu_check_grpo_"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        beta=0.04,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        bf16=device.type == "cuda",
+        use_cpu=device.type != "cuda",
+        report_to="none",
+        save_strategy="no",
+        alps_mode="delta",
+        alps_train_non_attention=False,
+        alps_probe_steps=1,
+        disable_tqdm=True,
+    )
+    trainer = AlpsGRPOTrainer(
+        model=model,
+        reward_funcs=[lambda completions, **kw: [1.0 / (1 + len(c)) for c in completions]],
+        args=args,
+        train_dataset=data,
+        processing_class=build_tokenizer(prompts, vocab_size=TINY["vocab_size"]),
+    )
+    trainer.train()
+    client = RecordingVLLMClient()
+    recording_vllm_generation(trainer, client).sync_weights()
+    base_intact = all(
+        torch.equal(bits(p), bits(before[n])) for n, p in trainer.model.named_parameters() if n in before
+    )
+    trainer.restriction.merge(trainer.model)
+    merged = dict(trainer.model.named_parameters())
+    pushed_ok = set(client.pushed) == set(merged) and all(torch.equal(client.pushed[n], merged[n]) for n in merged)
+    entry.update(
+        reference_kind=trainer.reference_kind,
+        base_weights_bit_identical=base_intact,
+        vllm_push_is_base_plus_delta=pushed_ok,
+        vllm_installed=_vllm_version(),
+        status="ok" if (trainer.reference_kind == "parameter-free" and base_intact and pushed_ok) else "CHECK FAILED",
+    )
+
+
+def _vllm_version() -> str | None:
+    try:
+        import vllm
+
+        return vllm.__version__
+    except ImportError:
+        return None
+
+
 def setup_variant(model, mode: str, train_rest: bool, lr: float, wd: float):
     """Trainable parameters, optimizer and per-step hooks for one variant."""
     from alps_trl.restriction import build_restriction
@@ -379,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         results["environment"].update(environment(device))
     with Section("4-bit NF4 delta training", results) as section:
         four_bit_delta(device, TINY if args.tiny else SMALL_4BIT, 3, results[section.name])
+    with Section("GRPO delta mode and the vLLM push", results) as section:
+        grpo_delta_and_vllm_push(device, results[section.name])
     dims = TINY if args.tiny else LLAMA_1B
     for label, mode, train_rest in VARIANTS:
         name = f"step time: {label}"
@@ -396,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         + table(results)
         + "\n\n4-bit NF4 delta training: "
         + results.get("4-bit NF4 delta training", {}).get("status", "not run")
+        + "\n\nGRPO delta mode and the vLLM push: "
+        + str({k: v for k, v in results.get("GRPO delta mode and the vLLM push", {}).items() if k != "seconds"})
         + f"\n\nTotal {time.perf_counter() - started:.0f} s.\n"
     )
     print("\n" + text)

@@ -78,3 +78,14 @@ def test_probe_default_is_ten_percent_of_training_steps():
     assert planned_probe_steps(AlpsArguments(), 3) == 1
     assert planned_probe_steps(AlpsArguments(alps_probe_steps=7), 100) == 7
     assert planned_probe_steps(AlpsArguments(alps_probe_steps=0), 100) == 0
+
+
+def test_configs_take_output_dir_positionally_like_trl():
+    """`AlpsSFTConfig("out")` as `SFTConfig("out")` (TRL builds its default configs so): TRL's fields come first."""
+    from alps_trl import AlpsDPOConfig, AlpsGRPOConfig, AlpsSFTConfig
+
+    for cls in (AlpsSFTConfig, AlpsDPOConfig, AlpsGRPOConfig):
+        config = cls("some/run", use_cpu=True, report_to="none")
+        assert config.output_dir == "some/run" and config.alps_ratio == 0.1
+        with pytest.raises(ValueError, match="alps_ratio"):
+            cls("some/run", use_cpu=True, alps_ratio=1.5)

@@ -154,21 +154,6 @@ def test_reward_function_returning_the_wrong_length_is_refused(tmp_path):
     assert all(torch.equal(before[n], after[n]) for n in before), "a step ran before the refusal"
 
 
-class _RecordingClient:
-    """Stands in for trl's VLLMClient (server mode): records what update_named_params receives."""
-
-    def __init__(self):
-        self.pushed: dict[str, torch.Tensor] = {}
-        self.metadata = None
-
-    def update_named_params(self, metadata, named_params):
-        self.metadata = metadata
-        self.pushed = {name: tensor.detach().clone() for name, tensor in named_params}
-
-    def reset_prefix_cache(self):
-        pass
-
-
 class _RecordingLLM:
     """Stands in for vllm.LLM (colocate mode): load_weights receives (name, tensor) pairs."""
 
@@ -187,32 +172,15 @@ class _RecordingLLM:
         pass
 
 
-def _generation(trainer, mode):
-    """TRL's own VLLMGeneration (sync_weights, parameter iteration) with the vLLM side replaced by a recorder."""
-    from trl.distributed import DistributedBackend
-    from trl.generation.vllm_generation import VLLMGeneration
-
-    from alps_trl.trainers.vllm_sync import push_effective_weights
-
-    gen = object.__new__(VLLMGeneration)
-    gen.model, gen.accelerator, gen.mode = trainer.model, trainer.accelerator, mode
-    gen._dist, gen._weight_metadata, gen.enable_sleep_mode = DistributedBackend(trainer.accelerator), None, False
-    recorder = _RecordingClient() if mode == "server" else _RecordingLLM()
-    if mode == "server":
-        gen.vllm_client = recorder
-    else:
-        gen.llm = recorder
-    push_effective_weights(gen, trainer)
-    return gen, recorder
-
-
 @pytest.mark.parametrize("vllm_mode", ["server", "colocate"])
 @pytest.mark.parametrize("mode", ["delta", "mask"])
 def test_vllm_receives_the_effective_weights(tmp_path, mode, vllm_mode):
     trainer = build(tmp_path, alps_mode=mode, alps_train_non_attention=False, max_steps=1)
     trainer.train()
-    gen, recorder = _generation(trainer, vllm_mode)
-    gen.sync_weights()
+    from alps_trl.testing import RecordingVLLMClient, recording_vllm_generation
+
+    recorder = RecordingVLLMClient() if vllm_mode == "server" else _RecordingLLM()
+    recording_vllm_generation(trainer, recorder, vllm_mode).sync_weights()
     merged = copy.deepcopy(trainer.model)
     if mode == "delta":
         trainer.restriction.merge(merged)  # the weights the policy computes with, as a plain model

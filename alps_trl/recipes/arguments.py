@@ -65,7 +65,7 @@ class AlpsScriptArguments:
         metadata={"help": "Evaluate on the test split before and after training and print both losses."},
     )
     reward_funcs: list[str] = field(
-        default_factory=lambda: ["answer_correct", "answer_format"],
+        default_factory=lambda: ["exact_answer", "answer_correct", "answer_format"],
         metadata={
             "help": "GRPO only: reward functions by name (alps_trl.recipes.rewards.REWARDS): answer_correct (the "
             "last number equals the dataset's 'solution'), exact_answer (the whole reply equals it), answer_format "
@@ -248,7 +248,7 @@ def demo_defaults(kind: str, demo_dir: str | None = None) -> dict[str, Any]:
             max_completion_length=8,
             temperature=1.0,
             max_steps=25,
-            reward_weights=[1.0, 0.5],  # answer_correct, answer_format
+            reward_weights=[1.0, 0.5, 0.5],  # exact_answer, answer_correct, answer_format
             eval_max_new_tokens=8,
             eval_generations=21,
             log_completions=False,

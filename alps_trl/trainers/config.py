@@ -115,6 +115,10 @@ class AlpsArguments:
     )
 
     def __post_init__(self) -> None:
+        # In AlpsSFTConfig(AlpsArguments, SFTConfig) the next __post_init__ is the TRL config's.
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
         self.validate_alps()
 
     def validate_alps(self) -> None:
@@ -154,30 +158,21 @@ class AlpsArguments:
 
 
 @dataclass
-class AlpsSFTConfig(SFTConfig, AlpsArguments):
-    """`trl.SFTConfig` plus the `alps_*` options of `AlpsArguments`."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.validate_alps()
+class AlpsSFTConfig(AlpsArguments, SFTConfig):
+    """`trl.SFTConfig` plus the `alps_*` options of `AlpsArguments` (TRL's fields first: ``AlpsSFTConfig("out")``
+    sets output_dir, as ``SFTConfig("out")`` does)."""
 
 
 @dataclass
-class AlpsDPOConfig(DPOConfig, AlpsArguments):
-    """`trl.DPOConfig` plus the `alps_*` options of `AlpsArguments`."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.validate_alps()
+class AlpsDPOConfig(AlpsArguments, DPOConfig):
+    """`trl.DPOConfig` plus the `alps_*` options of `AlpsArguments` (TRL's fields first: ``AlpsDPOConfig("out")``
+    sets output_dir, as ``DPOConfig("out")`` does)."""
 
 
 @dataclass
-class AlpsGRPOConfig(GRPOConfig, AlpsArguments):
-    """`trl.GRPOConfig` plus the `alps_*` options of `AlpsArguments`."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.validate_alps()
+class AlpsGRPOConfig(AlpsArguments, GRPOConfig):
+    """`trl.GRPOConfig` plus the `alps_*` options of `AlpsArguments` (TRL's fields first: ``AlpsGRPOConfig("out")``
+    sets output_dir, as ``GRPOConfig("out")`` does)."""
 
 
 def alps_arguments_of(args: Any) -> AlpsArguments:
