@@ -138,7 +138,7 @@ def test_grpo_demo(tmp_path):
     rewards = re.findall(
         r"^Mean reward (\w+) on the same prompts \(greedy\): before ([0-9.]+) -> after ([0-9.]+)", output, re.M
     )
-    assert {name for name, _, _ in rewards} == {"answer_correct", "answer_format"}
+    assert {name for name, _, _ in rewards} == {"exact_answer", "answer_correct", "answer_format"}
     assert all(float(a) > float(b) for name, b, a in rewards if name == "answer_format")
     assert (out / "model.safetensors").is_file() and (out / "alps_heads.json").is_file()
     if seconds > GRPO_TIME_LIMIT_S:
