@@ -33,12 +33,9 @@ def main(script_args, training_args, model_args):
 
 
 def make_parser():
-    from trl import ModelConfig, TrlParser
+    from alps_trl.recipes.main import recipe_parser
 
-    from alps_trl.recipes.arguments import AlpsScriptArguments
-    from alps_trl.trainers.config import AlpsGRPOConfig
-
-    return TrlParser((AlpsScriptArguments, AlpsGRPOConfig, ModelConfig))
+    return recipe_parser("grpo")
 
 
 if __name__ == "__main__":

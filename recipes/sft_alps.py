@@ -46,12 +46,9 @@ def main(script_args, training_args, model_args):
 
 
 def make_parser():
-    from trl import ModelConfig, TrlParser
+    from alps_trl.recipes.main import recipe_parser
 
-    from alps_trl.recipes.arguments import AlpsScriptArguments
-    from alps_trl.trainers.config import AlpsSFTConfig
-
-    return TrlParser((AlpsScriptArguments, AlpsSFTConfig, ModelConfig))
+    return recipe_parser("sft")
 
 
 if __name__ == "__main__":

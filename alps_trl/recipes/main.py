@@ -125,6 +125,17 @@ def generation_eval(trainer: Any, script_args: Any, eval_dataset: Any, when: str
     return result
 
 
+def recipe_parser(kind: str):
+    """TRL's parser of a recipe script: (AlpsScriptArguments, the kind's Alps*Config, ModelConfig)."""
+    from trl import ModelConfig, TrlParser
+
+    from alps_trl.recipes.arguments import AlpsScriptArguments
+    from alps_trl.trainers import config
+
+    configs = {"sft": config.AlpsSFTConfig, "dpo": config.AlpsDPOConfig, "grpo": config.AlpsGRPOConfig}
+    return TrlParser((AlpsScriptArguments, configs[kind], ModelConfig))
+
+
 def script_entry(kind: str, make_parser, argv: list[str], demo_dir: str | os.PathLike) -> Any:
     """`if __name__ == "__main__":` of a recipe script: parse (demo defaults when no model is named) and run."""
     script_args, training_args, model_args = ru.parse_recipe_args(make_parser(), kind, argv, str(demo_dir))
