@@ -275,7 +275,7 @@ class DeltaRestriction(Restriction):
                 base.data.copy_(apply_delta(base.data, value.detach(), delta.index, delta.dim))
         self._remove_deltas(inner)
         self._restore_flags(inner)
-        self._installed = True  # merged: the saving helpers still answer
+        self._installed = True  # merged: delta_state_dict answers {}
         self._merged = True
 
     def uninstall(self, model: torch.nn.Module) -> None:
@@ -297,6 +297,8 @@ class DeltaRestriction(Restriction):
         Under FSDP2 and DeepSpeed ZeRO-3 this gathers sharded deltas (a collective: call it on every rank).
         """
         self._require_installed("delta_state_dict")
+        if self._merged:  # the deltas live in the base weights now
+            return {}
         out: dict[str, torch.Tensor] = {}
         deltas = self._deltas(model)
         with _gathered_zero3([p for d in deltas.values() for p in d.parameters()]):

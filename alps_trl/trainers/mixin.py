@@ -200,6 +200,11 @@ class AlpsTrainerMixin:
                 checkpoints.save_quantized_run(
                     output_dir, self.model, restriction, deltas, self.processing_class, self.args
                 )
+            elif state_dict is not None and not state_dict:
+                # Trainer's placeholder save (ZeRO-3 without 16-bit gathering, FSDP writers without a full state
+                # dict): nothing to merge into; the deltas go to their own file beside it.
+                super()._save(output_dir, state_dict=state_dict)
+                checkpoints.write_delta_file(self.model, restriction, deltas, os.path.join(output_dir, DELTA_FILE))
             else:
                 full = state_dict if state_dict is not None else self.model.state_dict()
                 super()._save(output_dir, state_dict=merge_state_dict(full, deltas))
@@ -364,8 +369,14 @@ class AlpsTrainerMixin:
                 )
             # Nothing has trained: swap the constructor's selection for the checkpoint's (the usual resume).
             checkpoints.check_resume_mode(checkpoint, self._alps_mode)
-            self._alps_restriction.uninstall(self.model)
-            self._alps_install(saved, source="checkpoint")
+            previous = self._alps_restriction
+            previous.uninstall(self.model)
+            try:
+                self._alps_install(saved, source="checkpoint")
+            except BaseException:
+                previous.install(self.model)  # back to the constructor's selection, as it was
+                self._alps_restriction = previous
+                raise
             return
         if checkpoint is not None:
             checkpoints.check_resume_mode(checkpoint, self._alps_mode)

@@ -197,11 +197,11 @@ def run_probe(trainer: Any, steps: int) -> tuple[dict[str, torch.Tensor], dict[s
                     for _ in range(accumulation):
                         loss = trainer._alps_probe_loss(model, next(batches))
                         (loss / accumulation).backward()
-                    average_gradients(trainable, world)
                     for param, master in zip(trainable, masters):
                         if master is not param:
                             master.grad = None if param.grad is None else param.grad.float()
                             param.grad = None
+                    average_gradients(masters, world)  # in float32: a bf16 all-reduce would round the sum
                     if args.max_grad_norm and args.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(masters, args.max_grad_norm)
                     optimizer.step()
