@@ -130,7 +130,7 @@ class AlpsTrainerMixin:
 
     def localize(self, resume_from_checkpoint: str | bool | None = None) -> HeadSelection:
         """Localize heads and install the restriction; a no-op once done. The constructor calls it (with
-        ``args.resume_from_checkpoint``), and `train` calls it with its own ``resume_from_checkpoint``.
+        ``args.resume_from_checkpoint``); `train` repeats the step for its own ``resume_from_checkpoint``.
 
         Every process must call it: the probe, importance scoring and the broadcast are collectives.
         """
@@ -200,14 +200,11 @@ class AlpsTrainerMixin:
                 checkpoints.save_quantized_run(
                     output_dir, self.model, restriction, deltas, self.processing_class, self.args
                 )
-            elif state_dict is not None and not state_dict:
-                # Trainer's placeholder save (ZeRO-3 without 16-bit gathering, FSDP writers without a full state
-                # dict): nothing to merge into; the deltas go to their own file beside it.
-                super()._save(output_dir, state_dict=state_dict)
-                checkpoints.write_delta_file(self.model, restriction, deltas, os.path.join(output_dir, DELTA_FILE))
             else:
                 full = state_dict if state_dict is not None else self.model.state_dict()
-                super()._save(output_dir, state_dict=merge_state_dict(full, deltas))
+                # Trainer's placeholder save ({}: ZeRO-3 without 16-bit gathering, FSDP writers without a full
+                # state dict) has nothing to merge into; the deltas go to their own file beside it either way.
+                super()._save(output_dir, state_dict=merge_state_dict(full, deltas) if full else full)
                 checkpoints.write_delta_file(self.model, restriction, deltas, os.path.join(output_dir, DELTA_FILE))
         else:
             super()._save(output_dir, state_dict=state_dict)
