@@ -38,8 +38,8 @@ class Sizes:
     data_seed: int = 0
 
 
-QUICK = Sizes(
-    families={"arithmetic": "addition"},
+QUICK = Sizes(  # both families: the transfer part needs two
+    families={"arithmetic": "addition", "text": "reverse8"},
     split_a=48,
     split_b=48,
     val=12,

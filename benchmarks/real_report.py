@@ -56,6 +56,17 @@ class Store:
     def run(self, fam: str, arm: str, seed: int) -> str:
         return self.path("runs", fam, arm, f"seed{seed}.json")
 
+    def ablation_run(self, part: str, fam: str, variant: str, seed: int) -> str:
+        return self.path("ablations", part, fam, variant, f"seed{seed}.json")
+
+    def metric_task_model(self, fam: str) -> str:
+        """The metric part's task-model job: the head-choice task model retrained, scored by every metric."""
+        return self.path("ablations", "metric", fam, "task_model.json")
+
+    def ablation_runs(self, part: str, fam: str, variant: str) -> list[dict]:
+        files = glob.glob(self.path("ablations", part, fam, variant, "seed*.json"))
+        return sorted((self.load(f) for f in files), key=lambda r: r["seed"])
+
     @staticmethod
     def load(path: str) -> Any:
         if not os.path.isfile(path):
@@ -86,9 +97,9 @@ class Store:
                 out.setdefault(job["kind"], []).append(float(job["wall_s"]))
         return out
 
-    def check_config(self, sizes: dict) -> None:
+    def check_config(self, sizes: dict, name: str = "config.json") -> None:
         """Record the sizes on the first run; refuse to mix results of other sizes into this directory."""
-        path = self.path("config.json")
+        path = self.path(name)
         saved = self.load(path)
         if saved is None:
             write_json(path, sizes)
@@ -103,7 +114,9 @@ class Store:
 
     def start_sitting(self, command: str) -> int:
         sittings = self.load(self.path("sittings.json")) or []
-        sittings.append({"command": command, "start": time.time(), "end": None})
+        sittings.append(
+            {"command": command, "commit": git_commit([self.root], short=False), "start": time.time(), "end": None}
+        )
         write_json(self.path("sittings.json"), sittings)
         return len(sittings) - 1
 

@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import finetune_loop as loop  # noqa: E402
+import real_ablations as ablations  # noqa: E402
 import real_knowledge as rk  # noqa: E402
 import real_report as report  # noqa: E402
 import real_tasks as rt  # noqa: E402
@@ -60,8 +61,16 @@ class Job:
 class Experiment:
     """The model, data and every job of a run; the model loads only when a job needs it."""
 
-    def __init__(self, sizes: Sizes, store: report.Store, device: str, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        sizes: Sizes,
+        store: report.Store,
+        device: str,
+        log: Callable[[str], None],
+        ablation: ablations.AblationSizes | None = None,
+    ) -> None:
         self.sizes, self.store, self.device, self.log = sizes, store, torch.device(device), log
+        self.ablation = ablation or ablations.AblationSizes()
         self.splits = {
             fam: rt.make_splits(
                 rt.GENERATORS[gen],
@@ -163,21 +172,54 @@ class Experiment:
             "greedy": greedy,
         }
 
-    def task_model_job(self, fam: str) -> dict:
-        from alps_trl.localization.localize import localize_heads
-
+    def _train_task_model(self, fam: str) -> tuple[torch.nn.Module, list[float]]:
+        """ALPS's task model: a full fine-tune of the base on split A (fixed batches, seed 1000)."""
         s = self.sizes
         model = copy.deepcopy(self.base)
         prep = loop.prepare(model, loop.Method("task model", "full"))
         batches = rt.train_batches(self.encoder, self.splits[fam]["A"], s.batch, s.task_model_steps, 1000, self.device)
         losses = loop.train(prep, batches, s.task_model_lr, s.weight_decay, 1.0, self.amp)
+        return model, losses
+
+    def task_model_job(self, fam: str) -> dict:
+        from alps_trl.localization.localize import localize_heads
+
+        s = self.sizes
+        model, losses = self._train_task_model(fam)
         val = self.evaluate(model, fam, "val")
         selection = localize_heads(self.base, model, ratio=s.ratio, metric="pad")
         selection.provenance.update({"task": f"full fine-tune on split A ({s.task_model_steps} steps)"})
         selection.save(self.store.selection(fam, "alps"))
-        del model, prep
+        del model
         gc.collect()
         return {"steps": s.task_model_steps, "lr": s.task_model_lr, "final_loss": losses[-1], "val": val}
+
+    def metric_selections_job(self, fam: str) -> dict:
+        """The metric part: the task model retrained exactly as for ALPS, its heads scored by every metric (saved as
+        selections/<fam>/metric_<m>.json). Records how closely its PAD heads reproduce the head-choice run's."""
+        from alps_trl.localization.localize import localize_heads
+        from alps_trl.localization.scoring import METRICS
+        from alps_trl.localization.selection import HeadSelection
+
+        s = self.sizes
+        model, losses = self._train_task_model(fam)
+        found = {}
+        for metric in METRICS:
+            selection = localize_heads(self.base, model, ratio=s.ratio, metric=metric)
+            selection.provenance.update({"task": f"full fine-tune on split A ({s.task_model_steps} steps), retrained"})
+            selection.save(self.store.selection(fam, f"metric_{metric}"))
+            found[metric] = selection
+        del model
+        gc.collect()
+        alps = HeadSelection.load(self.store.selection(fam, "alps"))
+        pad = found["pad"]
+        return {
+            "family": fam,
+            "final_loss": losses[-1],
+            "heads": {m: [list(h) for h in sel.heads] for m, sel in found.items()},
+            "pad_heads_shared_with_head_choice": len(set(pad.heads) & set(alps.heads)),
+            "pad_max_score_difference": float(abs(pad.scores - alps.scores).max()),
+        }
 
     # ---- selections ---------------------------------------------------------------------------------------------
     def selection(self, fam: str, arm: str, seed: int):
@@ -237,8 +279,11 @@ class Experiment:
         return selection
 
     # ---- training runs ------------------------------------------------------------------------------------------
+    def lr_grid(self, lr_family: str) -> list[float]:
+        return self.sizes.lr_grid.get(lr_family) or self.ablation.lr_grid[lr_family]
+
     def chosen_lr(self, fam: str, lr_family: str) -> float:
-        chosen = self.store.chosen_lr(fam, lr_family, self.sizes.lr_grid[lr_family])
+        chosen = self.store.chosen_lr(fam, lr_family, self.lr_grid(lr_family))
         if chosen is None:
             raise RuntimeError(f"The {lr_family} learning-rate sweep of {fam} is incomplete.")
         return chosen[0]
@@ -253,8 +298,49 @@ class Experiment:
         return loop.Method(arm, "heads", selection=sel, mode="delta", train_non_attention=False), sel
 
     def run_arm(self, fam: str, arm: str, seed: int, lr: float, with_val: bool = False) -> dict:
-        s = self.sizes
         method, sel = self.method(fam, arm, seed)
+        return self.train_and_measure(fam, arm, seed, lr, method, sel, with_val)
+
+    def variant_selection(self, fam: str, v: ablations.Variant, seed: int):
+        """The heads an ablation variant trains on `fam` at `seed`."""
+        from alps_trl.localization.anatomy import AttentionLayout
+        from alps_trl.localization.selection import HeadSelection
+
+        layout = AttentionLayout.from_model(self.base)
+        if v.heads == "alps":
+            name = "alps" if v.metric == "pad" else f"metric_{v.metric}"
+            scored = HeadSelection.load(self.store.selection(v.heads_from or fam, name))
+            return ablations.at_ratio(scored, v.ratio, layout)
+        if v.heads == "importance":
+            return ablations.at_ratio(self.selection(fam, "importance", seed), v.ratio, layout)
+        return ablations.drawn(v.heads, layout, v.ratio, seed)
+
+    def run_variant(self, fam: str, v: ablations.Variant, seed: int, lr: float | None = None) -> dict:
+        """Train variant `v` at `lr` (default: its lr family's chosen rate); a given `lr` is a sweep point."""
+        if v.kind == "heads":
+            sel = self.variant_selection(fam, v, seed)
+            method = loop.Method(v.name, "heads", selection=sel, mode="delta", train_non_attention=v.rest_trains)
+        else:
+            sel, method = None, loop.Method(v.name, v.kind, lora_rank=v.lora_rank)
+        sweeping = lr is not None
+        lr = lr if sweeping else self.chosen_lr(fam, v.lr_family)
+        result = self.train_and_measure(fam, v.name, seed, lr, method, sel, with_val=sweeping, greedy_check=False)
+        return {"part": v.part, "variant": asdict(v), **result}
+
+    def train_and_measure(
+        self,
+        fam: str,
+        arm: str,
+        seed: int,
+        lr: float,
+        method: loop.Method,
+        sel,
+        with_val: bool = False,
+        greedy_check: bool = True,
+    ) -> dict:
+        """Train `method` on the seed's batches of split B at `lr`; then every measurement of a run (the check of
+        teacher-forced against real greedy decoding at seed 0 unless `greedy_check` is False)."""
+        s = self.sizes
         batches = self.batches(fam, seed)
         torch.manual_seed(seed)  # LoRA's initialisation
         prep = loop.prepare(copy.deepcopy(self.base), method)
@@ -280,7 +366,7 @@ class Experiment:
         }
         if with_val:
             result["val"] = self.evaluate(prep.model, fam, "val")
-        if seed == 0:
+        if seed == 0 and greedy_check:
             pairs = self.splits[fam]["test"][: s.greedy_check]
             flags = result["test"]["correct"][: s.greedy_check]
             result["greedy"] = rt.greedy_agreement(
@@ -291,21 +377,35 @@ class Experiment:
         gc.collect()
         return result
 
-    def from_sweep(self, fam: str, arm: str) -> dict:
+    def from_sweep(self, fam: str, lr_family: str) -> dict:
         """The seed-0 result of the arm that picked its family's lr: the chosen sweep point itself."""
-        lr_family = ARMS[arm].lr_family
-        _, point = self.store.chosen_lr(fam, lr_family, self.sizes.lr_grid[lr_family])
+        _, point = self.store.chosen_lr(fam, lr_family, self.lr_grid(lr_family))
         return {**point, "from_sweep": True, "sweep_job": point.pop("job", None)}
 
     # ---- the plan -----------------------------------------------------------------------------------------------
-    def plan(self, families: list[str], arms: list[str], seeds: list[int] | None) -> list[Job]:
+    def plan(
+        self,
+        families: list[str],
+        arms: list[str],
+        seeds: list[int] | None,
+        parts: tuple[str, ...] = (ablations.HEAD_CHOICE, *ablations.PARTS),
+    ) -> list[Job]:
         """Every job of the run in order of information, each once; dependencies (task model, lr sweep) come just
-        before the first job that needs them."""
+        before the first job that needs them. The head-choice part first, then the ablation parts (cheapest first),
+        seed by seed; an ablation variant that is a head-choice arm is that arm's job."""
         st, s = self.store, self.sizes
         jobs: dict[str, Job] = {}
 
         def add(name: str, path: str, kind: str, run: Callable[[], dict]) -> None:
             jobs.setdefault(path, Job(name, path, kind, run))
+
+        def task_model(fam: str) -> None:
+            add(
+                f"{fam}: task model (full fine-tune on A)",
+                st.task_model(fam),
+                "task_model",
+                lambda: self.task_model_job(fam),
+            )
 
         def sweep(fam: str, lr_family: str) -> None:
             arm = SWEEP_ARM[lr_family]
@@ -321,16 +421,11 @@ class Experiment:
         def run(fam: str, arm: str, seed: int) -> None:
             lr_family = ARMS[arm].lr_family
             if arm in NEEDS_TASK_MODEL:
-                add(
-                    f"{fam}: task model (full fine-tune on A)",
-                    st.task_model(fam),
-                    "task_model",
-                    lambda: self.task_model_job(fam),
-                )
+                task_model(fam)
             sweep(fam, lr_family)
             name, path = f"{fam}: {arm} seed {seed}", st.run(fam, arm, seed)
             if seed == 0 and SWEEP_ARM[lr_family] == arm:
-                add(name, path, "copy", lambda: self.from_sweep(fam, arm))
+                add(name, path, "copy", lambda: self.from_sweep(fam, lr_family))
             else:
                 add(
                     name,
@@ -339,15 +434,55 @@ class Experiment:
                     lambda: self.run_arm(fam, arm, seed, self.chosen_lr(fam, lr_family)),
                 )
 
+        def run_variant(fam: str, v: ablations.Variant, seed: int) -> None:
+            if v.reuse:
+                return run(fam, v.reuse, seed)
+            if v.heads == "alps":
+                task_model(v.heads_from or fam)
+            if v.metric != "pad":
+                add(
+                    f"{fam}: metric part, task model retrained and scored by every metric",
+                    st.metric_task_model(fam),
+                    "task_model",
+                    lambda: self.metric_selections_job(fam),
+                )
+            kind = "train:full" if v.rest_trains else f"train:{v.lr_family}"
+            name, path = f"{fam}: {v.part} {v.label} seed {seed}", st.ablation_run(v.part, fam, v.name, seed)
+            if v.lr_family not in self.ablation.lr_grid:
+                sweep(fam, v.lr_family)
+                return add(name, path, kind, lambda: self.run_variant(fam, v, seed))
+            for lr in self.ablation.lr_grid[v.lr_family]:  # the variant's own sweep, at seed 0
+                point = f"{fam}: {v.lr_family} lr sweep ({v.label}, seed 0, lr {lr:g})"
+                add(point, st.sweep(fam, v.lr_family, lr), kind, lambda r=lr: self.run_variant(fam, v, 0, r))
+            if seed == 0:
+                return add(name, path, "copy", lambda: {"part": v.part, **self.from_sweep(fam, v.lr_family)})
+            add(name, path, kind, lambda: self.run_variant(fam, v, seed))
+
         add("base: knowledge questions and perplexity", st.knowledge(), "knowledge", self.knowledge_job)
-        for stage in (*STAGES, ("full", "lora")):
-            for fam in families:
-                add(f"{fam}: base model", st.base(fam), "base", lambda f=fam: self.base_job(f))
-                for seed in sorted(set(s.main_seeds) | set(s.other_seeds)):  # seed by seed: pairs complete early
-                    for arm in (a for a in stage if a in arms):
-                        if seed in (s.main_seeds if ARMS[arm].many_seeds else s.other_seeds):
-                            if seeds is None or seed in seeds:
-                                run(fam, arm, seed)
+        if ablations.HEAD_CHOICE in parts:
+            for stage in (*STAGES, ("full", "lora")):
+                for fam in families:
+                    add(f"{fam}: base model", st.base(fam), "base", lambda f=fam: self.base_job(f))
+                    for seed in sorted(set(s.main_seeds) | set(s.other_seeds)):  # seed by seed: pairs complete early
+                        for arm in (a for a in stage if a in arms):
+                            if seed in (s.main_seeds if ARMS[arm].many_seeds else s.other_seeds):
+                                if seeds is None or seed in seeds:
+                                    run(fam, arm, seed)
+        # Cheapest part first, so that whole tables complete early; the references each table shows come along.
+        references = {"ratio": ("random",), "metric": ("random",), "transfer": ("alps", "random"), "table1": ()}
+        for part in ("transfer", "metric", "ratio", "table1"):
+            if part not in parts:
+                continue
+            for seed in (x for x in self.ablation.seeds if seeds is None or x in seeds):
+                for fam in families:
+                    found = ablations.variants(part, fam, families, self.ablation, s.ratio)
+                    if not found:
+                        continue
+                    add(f"{fam}: base model", st.base(fam), "base", lambda f=fam: self.base_job(f))
+                    for arm in references[part]:
+                        run(fam, arm, seed)
+                    for v in found:
+                        run_variant(fam, v, seed)
         return list(jobs.values())
 
 
@@ -428,8 +563,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (sweeps always run at seed 0)")
     parser.add_argument("--steps", type=int, help="override the training steps (calibration; changes the sizes)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=(ablations.HEAD_CHOICE, *ablations.PARTS),
+        default=(ablations.HEAD_CHOICE, *ablations.PARTS),
+        help="which parts run (default: all): the head-choice comparison, and the paper's ablations: ratio "
+        "(Table 4), metric (Table 5), transfer (Table 2), table1 (Table 1, the rest trainable)",
+    )
     args = parser.parse_args(argv)
     sizes = copy.deepcopy(QUICK if args.quick else CUDA if args.device == "cuda" else Sizes())
+    ablation = copy.deepcopy(ablations.ABLATION_QUICK if args.quick else ablations.AblationSizes())
     if args.steps:
         sizes.steps = args.steps
     if args.families:
@@ -448,14 +592,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')} +{time.time() - begin:6.0f}s] {msg}", flush=True)
 
     command = "python benchmarks/reproduce_real.py " + shlex.join(argv)
-    meta = {"sizes": asdict(sizes), "arms": {k: asdict(v) for k, v in ARMS.items()}, "calibration": CALIBRATION}
+    meta = {
+        "sizes": asdict(sizes),
+        "ablation": asdict(ablation),
+        "arms": {k: asdict(v) for k, v in ARMS.items()},
+        "calibration": CALIBRATION,
+    }
     if args.report_only:
         report.write_report(store, meta, command)
         log(f"report rebuilt: {store.path(report.RESULTS_MD)}")
         return 0
     store.check_config(asdict(sizes))
-    exp = Experiment(sizes, store, args.device, log)
-    jobs = exp.plan(args.families or list(sizes.families), args.arms or list(ARMS), args.seeds)
+    store.check_config(asdict(ablation), os.path.join("ablations", "config.json"))
+    exp = Experiment(sizes, store, args.device, log, ablation)
+    jobs = exp.plan(args.families or list(sizes.families), args.arms or list(ARMS), args.seeds, tuple(args.parts))
 
     def write() -> None:
         report.write_report(store, meta, command)

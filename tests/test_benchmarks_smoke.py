@@ -155,7 +155,8 @@ def test_reproduce_real_smallest_path_writes_a_result_and_skips_it_on_rerun(tmp_
     import json
 
     before = _bench_files()
-    args = [str(BENCH / "reproduce_real.py"), "--quick", "--arms", "random", "--output-dir", str(tmp_path)]
+    args = [str(BENCH / "reproduce_real.py"), "--quick", "--arms", "random", "--parts", "headchoice"]
+    args += ["--families", "arithmetic", "--output-dir", str(tmp_path)]
     out = _run(args, timeout=150)
     result = tmp_path / "runs" / "arithmetic" / "random" / "seed0.json"
     data = json.loads(result.read_text())

@@ -1,0 +1,162 @@
+"""The paper's ablations on the real model (`reproduce_real.py --parts ...`): what each part runs and how its heads
+are chosen.
+
+Parts, each mirroring one table of the ALPS paper:
+
+- ``ratio`` (Table 4): ALPS, Random and Importance at several shares of the heads, head-only training.
+- ``metric`` (Table 5): the top 10% by PAD, KL, Jensen-Shannon, Euclidean and cosine on the same task model.
+- ``transfer`` (Table 2): the heads ALPS found on one family trained on the other family.
+- ``table1`` (Table 1): the rest of the network trains too (`train_non_attention=True`): ALPS, Random, Importance
+  and LC heads, "w/o attn" (every q/k/v row frozen), LoRA r128 on q/k/v, and Full.
+
+A variant that is exactly a head-choice arm (same heads, same training) is not run again: its result is that arm's
+file (`Variant.reuse`). Every other variant writes `ablations/<part>/<family>/<variant>/seed<N>.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alps_trl.localization.scoring import METRICS
+from alps_trl.localization.selection import (
+    HeadSelection,
+    num_selected,
+    select_layer_consistent,
+    select_random,
+    select_top_k,
+    selection_for_layout,
+)
+
+PARTS = ("ratio", "metric", "transfer", "table1")
+HEAD_CHOICE = "headchoice"
+PAPER_TABLE = {"ratio": "Table 4", "metric": "Table 5", "transfer": "Table 2", "table1": "Table 1"}
+METRIC_LABELS = {"pad": "PAD (W1)", "kl": "KL", "js": "Jensen-Shannon", "euclidean": "Euclidean", "cosine": "cosine"}
+
+
+@dataclass
+class AblationSizes:
+    """What the ablation parts run (kept in ablations/config.json); training sizes are the head-choice run's."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    ratios: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2, 0.5])
+    ratio_family: str = "arithmetic"
+    metric_family: str = "arithmetic"
+    table1_families: list[str] = field(default_factory=lambda: ["arithmetic", "text"])
+    table1_lora_rank: int = 128
+    # LoRA r128 gets its own sweep: at r8's rate its adapters (16x the directions) moved the model far more.
+    lr_grid: dict[str, list[float]] = field(default_factory=lambda: {"lora128": [3e-4, 1e-3, 3e-3]})
+
+
+ABLATION_QUICK = AblationSizes(
+    seeds=[0], ratios=[0.05, 0.1], table1_families=["arithmetic"], lr_grid={"lora128": [3e-4]}
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One trained configuration of a part.
+
+    heads: where the trained heads come from ("alps" | "random" | "importance" | "lc"), or None when `kind` says what
+    trains ("wo_attn" | "lora" | "full"). heads_from: the family whose ALPS heads are used (transfer; None: the
+    family trained on). lr_family: the sweep whose chosen learning rate the variant uses: a head-choice one, or one of
+    `AblationSizes.lr_grid`, which the variant itself sweeps at seed 0 (its seed-0 result is the chosen point).
+    """
+
+    part: str
+    name: str
+    label: str
+    kind: str = "heads"
+    heads: str | None = None
+    ratio: float = 0.1
+    metric: str = "pad"
+    heads_from: str | None = None
+    rest_trains: bool = False
+    lr_family: str = "heads"
+    lora_rank: int = 8
+    reuse: str | None = None
+
+
+def percent(ratio: float) -> str:
+    return f"{100 * ratio:g}%"
+
+
+def variants(part: str, fam: str, families: list[str], sizes: AblationSizes, default_ratio: float) -> list[Variant]:
+    """The variants `part` trains on family `fam` (empty when the part does not use `fam`)."""
+    if part == "ratio":
+        if fam != sizes.ratio_family:
+            return []
+        labels = {"alps": "ALPS", "random": "Random", "importance": "Importance"}
+        return [
+            Variant(
+                part,
+                f"{src}_{percent(r)}",
+                f"{labels[src]} {percent(r)}",
+                heads=src,
+                ratio=r,
+                reuse=src if r == default_ratio else None,
+            )
+            for src in labels
+            for r in sizes.ratios
+        ]
+    if part == "metric":
+        if fam != sizes.metric_family:
+            return []
+        return [
+            Variant(part, m, METRIC_LABELS[m], heads="alps", metric=m, reuse="alps" if m == "pad" else None)
+            for m in METRICS
+        ]
+    if part == "transfer":
+        return [
+            Variant(part, f"from_{other}", f"ALPS heads of {other}", heads="alps", heads_from=other)
+            for other in families
+            if other != fam
+        ]
+    if part == "table1":
+        if fam not in sizes.table1_families:
+            return []
+        rest = dict(rest_trains=True, lr_family="full")
+        return [
+            Variant(part, "alps_rest", "ALPS 10% + rest", heads="alps", **rest),
+            Variant(part, "random_rest", "Random 10% + rest", heads="random", **rest),
+            Variant(part, "importance_rest", "Importance 10% + rest", heads="importance", **rest),
+            Variant(part, "lc_rest", "LC 10% + rest", heads="lc", **rest),
+            Variant(part, "wo_attn", "w/o attn (q/k/v frozen, rest trains)", kind="wo_attn", lr_family="full"),
+            Variant(
+                part,
+                f"lora{sizes.table1_lora_rank}",
+                f"LoRA r{sizes.table1_lora_rank} (q/k/v)",
+                kind="lora",
+                lr_family="lora128",
+                lora_rank=sizes.table1_lora_rank,
+            ),
+            Variant(part, "full", "Full", kind="full", lr_family="full", reuse="full"),
+        ]
+    raise ValueError(f"Unknown part {part!r}; choose from {', '.join(PARTS)}.")
+
+
+def at_ratio(scored: HeadSelection, ratio: float, layout, **provenance) -> HeadSelection:
+    """The top `ratio` of `scored`'s heads by its scores (the library's tie-break), or `scored` itself at its ratio."""
+    if abs(ratio - scored.ratio) < 1e-12:
+        return scored
+    k = num_selected(ratio, layout.num_layers, layout.num_heads)
+    return selection_for_layout(
+        layout,
+        select_top_k(scored.scores, k),
+        scores=scored.scores,
+        metric=scored.metric,
+        ratio=ratio,
+        strategy="top_k",
+        provenance={**scored.provenance, **provenance},
+    )
+
+
+def drawn(kind: str, layout, ratio: float, seed: int) -> HeadSelection:
+    """Random ("random") or layer-consistent random ("lc") heads at `ratio`, seeded."""
+    k = num_selected(ratio, layout.num_layers, layout.num_heads)
+    if kind == "random":
+        heads, strategy = select_random(layout.num_layers, layout.num_heads, k, seed), "random"
+    else:
+        heads, strategy = select_layer_consistent(layout.num_layers, layout.num_heads, k, seed), "layer_consistent"
+    return selection_for_layout(
+        layout, heads, metric="none", ratio=ratio, strategy=strategy, provenance={"seed": seed}
+    )
