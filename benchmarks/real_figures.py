@@ -28,7 +28,42 @@ def draw(store: Any, data: dict, meta: dict) -> list[str]:
         paths.append(_exact_match(fams, meta, os.path.join(out, "exact_match_by_arm.png")))
         paths.append(_forgetting(fams, meta, os.path.join(out, "exact_match_vs_knowledge.png")))
     paths += _heads(store, data, out)
+    ratio = (data.get("ablations") or {}).get("ratio")
+    if ratio and any(runs for row in ratio["rows"] for runs in row["runs"].values()):
+        paths.append(ratio_curve(ratio, os.path.join(out, "ratio_curve.png")))
     return paths
+
+
+def ratio_curve(d: dict, path: str) -> str:
+    """Exact match against the share of trained heads: mean over seeds (line) and every seed (dots)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    labels = {"alps": "ALPS (PAD)", "random": "Random", "importance": "Importance"}
+    for i, (src, label) in enumerate(labels.items()):
+        xs, means = [], []
+        for row in d["rows"]:
+            ems = [100 * r["test"]["exact_match"] for r in row["runs"].get(src, [])]
+            if not ems:
+                continue
+            x = 100 * row["ratio"] * (1 + 0.04 * (i - 1))  # a small offset per arm keeps the dots apart
+            ax.scatter([x] * len(ems), ems, color=f"C{i}", s=12, alpha=0.7)
+            xs.append(x)
+            means.append(statistics.mean(ems))
+        if xs:
+            ax.plot(xs, means, marker="o", color=f"C{i}", label=label)
+    ax.set_xscale("log")
+    ticks = [100 * row["ratio"] for row in d["rows"]]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}%" for t in ticks])
+    ax.set_xlabel("share of heads trained (head-only)")
+    ax.set_ylabel("test exact match (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{d['family']}: exact match vs head share (line: mean, dots: seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _exact_match(fams: dict, meta: dict, path: str) -> str:

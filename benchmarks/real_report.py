@@ -15,6 +15,8 @@ import time
 from typing import Any
 
 import numpy as np
+import real_ablation_tables
+import real_ablations
 import real_figures
 import real_tables
 from real_tables import MISSING
@@ -217,7 +219,114 @@ def collect(store: Store, meta: dict) -> dict:
             "selections": _selections(store, fam, sizes),
         }
     data["analysis"] = _selection_analysis(data, sizes)
+    if meta.get("ablation"):
+        data["ablations"] = collect_ablations(store, meta)
     return data
+
+
+def collect_ablations(store: Store, meta: dict) -> dict:
+    """The ablation parts' runs (restricted to the ablation seeds), paired differences and selection overlaps."""
+    from alps_trl.localization.selection import num_selected
+
+    sizes, ab = meta["sizes"], meta["ablation"]
+    ab_sizes = real_ablations.AblationSizes(**ab)
+    fams, seeds = list(sizes["families"]), ab["seeds"]
+    layers, heads = 30, 9  # SmolLM2-135M-Instruct
+
+    def kept(runs: list[dict]) -> list[dict]:
+        return [r for r in runs if r["seed"] in seeds]
+
+    def head_choice(fam: str, arm: str) -> list[dict]:
+        return kept(store.runs(fam, arm))
+
+    def runs_of(fam: str, v: real_ablations.Variant) -> list[dict]:
+        return head_choice(fam, v.reuse) if v.reuse else kept(store.ablation_runs(v.part, fam, v.name))
+
+    def variants(part: str, fam: str) -> list[real_ablations.Variant]:
+        return real_ablations.variants(part, fam, fams, ab_sizes, sizes["ratio"])
+
+    out: dict[str, Any] = {"seeds": seeds}
+    fam = ab["ratio_family"]
+    rows = []
+    for ratio in ab["ratios"]:
+        runs = {v.heads: runs_of(fam, v) for v in variants("ratio", fam) if v.ratio == ratio}
+        rows.append(
+            {
+                "ratio": ratio,
+                "k": num_selected(ratio, layers, heads),
+                "runs": runs,
+                "paired": {f"{a} - random": paired(runs[a], runs["random"]) for a in ("alps", "importance")},
+            }
+        )
+    out["ratio"] = {"family": fam, "rows": rows}
+
+    fam = ab["metric_family"]
+    found = variants("metric", fam)
+    selections = {v.metric: store.load(store.selection(fam, f"metric_{v.metric}")) for v in found}
+    pad, pad_runs = selections.get("pad"), runs_of(fam, next(v for v in found if v.metric == "pad"))
+    random_runs = head_choice(fam, "random")
+    rows = []
+    for v in found:
+        runs, sel = runs_of(fam, v), selections[v.metric]
+        both = sel is not None and pad is not None
+        rows.append(
+            {
+                "metric": v.metric,
+                "label": v.label,
+                "runs": runs,
+                "k": len(pad["heads"]) if pad else None,
+                "shared": overlap_stats(sel["heads"], pad["heads"], layers * heads)["overlap"] if both else None,
+                "rho": spearman(sel["scores"], pad["scores"]) if both else None,
+                "paired": {
+                    "random": paired(runs, random_runs),
+                    **({} if v.metric == "pad" else {"pad": paired(runs, pad_runs)}),
+                },
+            }
+        )
+    out["metric"] = {
+        "family": fam,
+        "rows": rows,
+        "random": random_runs,
+        "head_choice_alps": head_choice(fam, "alps"),
+        "task_model": store.load(store.metric_task_model(fam)),
+    }
+
+    transfer: dict[str, Any] = {"families": {}}
+    for fam in fams:
+        for v in variants("transfer", fam):
+            runs = {
+                "own": head_choice(fam, "alps"),
+                "transferred": runs_of(fam, v),
+                "random": head_choice(fam, "random"),
+            }
+            transfer["families"][fam] = {
+                "source": v.heads_from,
+                "runs": runs,
+                "paired": {k: paired(runs["transferred"], runs[k]) for k in ("own", "random")},
+            }
+    selections = [store.load(store.selection(f, "alps")) for f in fams]
+    if len(selections) == 2 and all(selections):
+        transfer["overlap"] = overlap_stats(selections[0]["heads"], selections[1]["heads"], layers * heads)
+    out["transfer"] = transfer
+
+    table1: dict[str, Any] = {"families": {}}
+    for fam in fams:
+        found = variants("table1", fam)
+        if not found:
+            continue
+        runs = {v.name: runs_of(fam, v) for v in found}
+        rows = [{"label": v.label, "runs": runs[v.name]} for v in found]
+        rows += [
+            {"label": "ALPS 10%, head-only (head-choice arm)", "runs": head_choice(fam, "alps")},
+            {"label": "Random 10%, head-only (head-choice arm)", "runs": head_choice(fam, "random")},
+        ]
+        for row in rows:
+            row["paired"] = {
+                key: paired(row["runs"], runs[key]) for key in ("full", "random_rest") if row["runs"] is not runs[key]
+            }
+        table1["families"][fam] = rows
+    out["table1"] = table1
+    return out
 
 
 def _selections(store: Store, fam: str, sizes: dict) -> dict:
@@ -306,6 +415,8 @@ def _markdown(store, data, meta, command, commit, versions, figures) -> str:
         "",
         f"- Command (latest sitting): `{command}`",
         f"- Git commit: {commit}",
+        "- Code of each sitting: "
+        + (", ".join(dict.fromkeys(f"`{x['commit']}`" for x in sittings if x.get("commit"))) or "not recorded"),
         f"- Packages: python {sys.version.split()[0]}, " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"- Machine: {platform.platform()}, {os.cpu_count()} CPU cores",
         f"- Machine time: {job_wall / 3600:.2f} h of jobs over {len(sittings)} sitting(s)",
@@ -316,6 +427,8 @@ def _markdown(store, data, meta, command, commit, versions, figures) -> str:
     for fam in sizes["families"]:
         lines += real_tables.family_section(fam, data["families"][fam], meta)
     lines += real_tables.selection_section(data, sizes)
+    if data.get("ablations"):
+        lines += real_ablation_tables.sections(data["ablations"])
     lines += ["## Figures", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, store.root)})" for p in figures]
     default = "(No interpretation written for this run yet: read the tables above.)"

@@ -308,7 +308,7 @@ class Experiment:
 
         layout = AttentionLayout.from_model(self.base)
         if v.heads == "alps":
-            name = "alps" if v.metric == "pad" else f"metric_{v.metric}"
+            name = f"metric_{v.metric}" if v.part == "metric" else "alps"
             scored = HeadSelection.load(self.store.selection(v.heads_from or fam, name))
             return ablations.at_ratio(scored, v.ratio, layout)
         if v.heads == "importance":
@@ -439,7 +439,7 @@ class Experiment:
                 return run(fam, v.reuse, seed)
             if v.heads == "alps":
                 task_model(v.heads_from or fam)
-            if v.metric != "pad":
+            if v.part == "metric":
                 add(
                     f"{fam}: metric part, task model retrained and scored by every metric",
                     st.metric_task_model(fam),
