@@ -16,7 +16,7 @@ file (`Variant.reuse`). Every other variant writes `ablations/<part>/<family>/<v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from alps_trl.localization.scoring import METRICS
 from alps_trl.localization.selection import (
@@ -44,12 +44,18 @@ class AblationSizes:
     metric_family: str = "arithmetic"
     table1_families: list[str] = field(default_factory=lambda: ["arithmetic", "text"])
     table1_lora_rank: int = 128
-    # LoRA r128 gets its own sweep: at r8's rate its adapters (16x the directions) moved the model far more.
-    lr_grid: dict[str, list[float]] = field(default_factory=lambda: {"lora128": [3e-4, 1e-3, 3e-3]})
+    # Own sweeps (Random's seed-0 run on validation picks, as in the head-choice part): LoRA r128, whose adapters move
+    # the model far more than r8's at r8's rate; and 50% of the heads, where the 10% head rate (3e-3) diverged.
+    lr_grid: dict[str, list[float]] = field(
+        default_factory=lambda: {"lora128": [3e-4, 1e-3, 3e-3], "heads_50%": [3e-4, 1e-3]}
+    )
 
 
 ABLATION_QUICK = AblationSizes(
-    seeds=[0], ratios=[0.05, 0.1], table1_families=["arithmetic"], lr_grid={"lora128": [3e-4]}
+    seeds=[0],
+    ratios=[0.05, 0.1],
+    table1_families=["arithmetic"],
+    lr_grid={"lora128": [3e-4], "heads_5%": [1e-3]},
 )
 
 
@@ -94,6 +100,7 @@ def variants(part: str, fam: str, families: list[str], sizes: AblationSizes, def
                 f"{labels[src]} {percent(r)}",
                 heads=src,
                 ratio=r,
+                lr_family=f"heads_{percent(r)}" if f"heads_{percent(r)}" in sizes.lr_grid else "heads",
                 reuse=src if r == default_ratio else None,
             )
             for src in labels
@@ -131,6 +138,14 @@ def variants(part: str, fam: str, families: list[str], sizes: AblationSizes, def
             Variant(part, "full", "Full", kind="full", lr_family="full", reuse="full"),
         ]
     raise ValueError(f"Unknown part {part!r}; choose from {', '.join(PARTS)}.")
+
+
+def sweeper(v: Variant) -> Variant:
+    """The variant whose seed-0 runs pick `v`'s learning rate in `v`'s own sweep: Random heads at the same share for a
+    head variant (as the head-choice sweep), else `v` itself."""
+    if v.kind != "heads" or v.heads == "random":
+        return v
+    return replace(v, name=f"random_{percent(v.ratio)}", label=f"Random {percent(v.ratio)}", heads="random")
 
 
 def at_ratio(scored: HeadSelection, ratio: float, layout, **provenance) -> HeadSelection:

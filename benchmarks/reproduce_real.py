@@ -6,6 +6,12 @@ Usage:
     python benchmarks/reproduce_real.py --output-dir DIR --report-only    # rebuild RESULTS_REAL.md from DIR
     python benchmarks/reproduce_real.py --device cuda --output-dir DIR    # larger configuration for a GPU
     ... --families arithmetic --arms alps random importance --seeds 0 1   # filters
+    ... --parts ratio metric transfer table1                              # only the paper's ablations (~1.5 h)
+
+Parts (default: all): `headchoice`, the question below; and the paper's ablations (`real_ablations`), each its own
+table: `ratio` (Table 4: 2-50% of the heads), `metric` (Table 5: PAD, KL, JS, Euclidean, cosine), `transfer` (Table 2:
+one family's heads trained on the other) and `table1` (Table 1: the rest of the network trains too, with LC, w/o attn,
+LoRA r128 and Full). An ablation row that is a head-choice arm reuses that arm's result files.
 
 Protocol (RESULTS_REAL.md states the sizes): two task families on which the base scores ~0% (`real_tasks`), each
 with disjoint splits A (the task model's data), B (the arms' training data), validation and test. ALPS's task model is
@@ -451,10 +457,11 @@ class Experiment:
             if v.lr_family not in self.ablation.lr_grid:
                 sweep(fam, v.lr_family)
                 return add(name, path, kind, lambda: self.run_variant(fam, v, seed))
-            for lr in self.ablation.lr_grid[v.lr_family]:  # the variant's own sweep, at seed 0
-                point = f"{fam}: {v.lr_family} lr sweep ({v.label}, seed 0, lr {lr:g})"
-                add(point, st.sweep(fam, v.lr_family, lr), kind, lambda r=lr: self.run_variant(fam, v, 0, r))
-            if seed == 0:
+            picker = ablations.sweeper(v)
+            for lr in self.ablation.lr_grid[v.lr_family]:  # the family's own sweep, at seed 0
+                point = f"{fam}: {v.lr_family} lr sweep ({picker.label}, seed 0, lr {lr:g})"
+                add(point, st.sweep(fam, v.lr_family, lr), kind, lambda r=lr: self.run_variant(fam, picker, 0, r))
+            if seed == 0 and picker == v:
                 return add(name, path, "copy", lambda: {"part": v.part, **self.from_sweep(fam, v.lr_family)})
             add(name, path, kind, lambda: self.run_variant(fam, v, seed))
 
