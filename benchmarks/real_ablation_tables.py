@@ -70,16 +70,26 @@ def _ratio(d: dict, seeds: list[int]) -> list[str]:
     lines = [
         f"### How many heads? Exact match against the share of heads (mirrors the paper's {PAPER_TABLE['ratio']})",
         "",
-        f"Family `{d['family']}`, head-only training (everything but the heads' q/k/v rows frozen), the head "
-        "learning rate chosen at 10%. ALPS and Importance take the top of their scores, Random draws per seed.",
+        f"Family `{d['family']}`, head-only training (everything but the heads' q/k/v rows frozen) at the head "
+        "learning rate chosen at 10%, except where a share has its own sweep (Random's seed-0 run on the "
+        "validation split picks, as above). ALPS and Importance take the top of their scores, Random draws per seed.",
+    ]
+    for r in d.get("at_head_lr", []):
+        lines.append(
+            f"At the 10% head rate ({r['lr']:g}), {r['variant']['label']} (seed {r['seed']}) diverged: exact match "
+            f"{100 * r['test']['exact_match']:.1f}%, perplexity {r['ppl']:.0f}; that share therefore sweeps its own."
+        )
+    lines += [
         "",
-        "| Heads | k | ALPS | Random | Importance | ALPS − Random | Importance − Random |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| Heads | k | lr | ALPS | Random | Importance | ALPS − Random | Importance − Random |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in d["rows"]:
         runs = row["runs"]
+        lr = _lr([r for found in runs.values() for r in found])
         lines.append(
-            f"| {percent(row['ratio'])} | {row['k']} | {_em(runs['alps'], seeds)} | {_em(runs['random'], seeds)} | "
+            f"| {percent(row['ratio'])} | {row['k']} | {lr} | {_em(runs['alps'], seeds)} | "
+            f"{_em(runs['random'], seeds)} | "
             f"{_em(runs['importance'], seeds)} | {_diff(row['paired'], 'alps - random')} | "
             f"{_diff(row['paired'], 'importance - random')} |"
         )

@@ -258,7 +258,9 @@ def collect_ablations(store: Store, meta: dict) -> dict:
                 "paired": {f"{a} - random": paired(runs[a], runs["random"]) for a in ("alps", "importance")},
             }
         )
-    out["ratio"] = {"family": fam, "rows": rows}
+    # Runs kept from before a share got its own sweep (trained at the 10% head rate), reported as a note.
+    earlier = glob.glob(store.path("ablations", "ratio_at_head_lr", fam, "*", "seed*.json"))
+    out["ratio"] = {"family": fam, "rows": rows, "at_head_lr": [store.load(f) for f in sorted(earlier)]}
 
     fam = ab["metric_family"]
     found = variants("metric", fam)
