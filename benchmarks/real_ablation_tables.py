@@ -63,7 +63,30 @@ def sections(ab: dict) -> list[str]:
     lines += _metric(ab["metric"], seeds)
     lines += _transfer(ab["transfer"], seeds)
     lines += _table1(ab["table1"], seeds)
+    lines += _sweeps(ab["sweeps"])
     return lines
+
+
+def _sweeps(sweeps: list[dict]) -> list[str]:
+    if not sweeps:
+        return []
+    lines = [
+        "### The ablations' own learning-rate sweeps (validation split, seed 0)",
+        "",
+        "| Family | Sweep | Run | lr | Val EM % | Val loss | Chosen |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for sw in sweeps:
+        for lr, p in zip(sw["grid"], sw["points"]):
+            if p is None:
+                lines.append(f"| {sw['family']} | {sw['lr_family']} | | {lr:g} | {MISSING} | {MISSING} | |")
+                continue
+            mark = "**yes**" if sw["chosen"] == lr else ""
+            lines.append(
+                f"| {sw['family']} | {sw['lr_family']} | {p['variant']['label']} | {lr:g} | "
+                f"{100 * p['val']['exact_match']:.1f} | {p['val']['loss']:.3f} | {mark} |"
+            )
+    return lines + [""]
 
 
 def _ratio(d: dict, seeds: list[int]) -> list[str]:

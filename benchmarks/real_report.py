@@ -245,7 +245,15 @@ def collect_ablations(store: Store, meta: dict) -> dict:
     def variants(part: str, fam: str) -> list[real_ablations.Variant]:
         return real_ablations.variants(part, fam, fams, ab_sizes, sizes["ratio"])
 
-    out: dict[str, Any] = {"seeds": seeds}
+    out: dict[str, Any] = {"seeds": seeds, "sweeps": []}
+    for fam in fams:
+        for lf, grid in ab["lr_grid"].items():
+            points = [store.load(store.sweep(fam, lf, lr)) for lr in grid]
+            if any(points):
+                chosen = store.chosen_lr(fam, lf, grid)
+                out["sweeps"].append(
+                    {"family": fam, "lr_family": lf, "points": points, "grid": grid, "chosen": chosen and chosen[0]}
+                )
     fam = ab["ratio_family"]
     rows = []
     for ratio in ab["ratios"]:
