@@ -52,6 +52,7 @@ def ratio_curve(d: dict, path: str) -> str:
         if xs:
             ax.plot(xs, means, marker="o", color=f"C{i}", label=label)
     ax.set_xscale("log")
+    ax.minorticks_off()
     ticks = [100 * row["ratio"] for row in d["rows"]]
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{t:g}%" for t in ticks])
