@@ -18,6 +18,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str) -> str:
+    """Write `fig` to `path` (PNG, 100 dpi) and free it; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def draw(store: Any, data: dict, meta: dict) -> list[str]:
     """Write the figures that the data allows into <output>/figures; returns their paths."""
     out = store.path("figures")
@@ -61,10 +69,7 @@ def ratio_curve(d: dict, path: str) -> str:
     ax.set_ylim(0, 100)
     ax.set_title(f"{d['family']}: exact match vs head share (line: mean, dots: seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _exact_match(fams: dict, meta: dict, path: str) -> str:
@@ -87,10 +92,7 @@ def _exact_match(fams: dict, meta: dict, path: str) -> str:
         ax.set_ylim(0, 100)
         ax.set_ylabel("test exact match (%)")
         ax.set_title(f"{fam}: mean ± std over seeds, dots = seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _forgetting(fams: dict, meta: dict, path: str) -> str:
@@ -108,10 +110,7 @@ def _forgetting(fams: dict, meta: dict, path: str) -> str:
         ax.set_ylabel("test exact match (%)")
         ax.set_title(f"{fam}: task gain vs forgetting (means over seeds)")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _heads(store: Any, data: dict, out: str) -> list[str]:

@@ -405,6 +405,9 @@ class Experiment:
         def add(name: str, path: str, kind: str, run: Callable[[], dict]) -> None:
             jobs.setdefault(path, Job(name, path, kind, run))
 
+        def base(fam: str) -> None:
+            add(f"{fam}: base model", st.base(fam), "base", lambda: self.base_job(fam))
+
         def task_model(fam: str) -> None:
             add(
                 f"{fam}: task model (full fine-tune on A)",
@@ -469,7 +472,7 @@ class Experiment:
         if ablations.HEAD_CHOICE in parts:
             for stage in (*STAGES, ("full", "lora")):
                 for fam in families:
-                    add(f"{fam}: base model", st.base(fam), "base", lambda f=fam: self.base_job(f))
+                    base(fam)
                     for seed in sorted(set(s.main_seeds) | set(s.other_seeds)):  # seed by seed: pairs complete early
                         for arm in (a for a in stage if a in arms):
                             if seed in (s.main_seeds if ARMS[arm].many_seeds else s.other_seeds):
@@ -485,7 +488,7 @@ class Experiment:
                     found = ablations.variants(part, fam, families, self.ablation, s.ratio)
                     if not found:
                         continue
-                    add(f"{fam}: base model", st.base(fam), "base", lambda f=fam: self.base_job(f))
+                    base(fam)
                     for arm in references[part]:
                         run(fam, arm, seed)
                     for v in found:
