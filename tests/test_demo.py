@@ -237,9 +237,5 @@ def test_localize_only_writes_heads_and_stops(tmp_path):
 
 def test_demo_assets_are_reproducible():
     """The committed demo data, tokenizer and config equal a fresh deterministic build."""
-    sys.path.insert(0, os.path.join(REPO, "recipes", "demo"))
-    try:
-        import build_demo_assets
-    finally:
-        sys.path.pop(0)
+    build_demo_assets = load_script("recipes/demo/build_demo_assets.py")
     assert build_demo_assets.main(["--check"]) == 0, build_demo_assets.check()

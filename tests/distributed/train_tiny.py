@@ -28,9 +28,7 @@ import os
 import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distributed_helpers import state_digest  # noqa: E402
+from distributed_helpers import state_digest  # tests/ is on PYTHONPATH (distributed_helpers.child_env)
 
 SCENARIOS = {
     # name: (trainer, alps_mode, train_non_attention)
