@@ -1,7 +1,7 @@
 """Helpers for the multi-process tests: a tiny base checkpoint, free ports, launching the repo's configs on CPU.
 
 Every launch goes through `accelerate launch` with a config from recipes/accelerate_configs/, with
-ACCELERATE_USE_CPU=true so that the ranks pick the CPU and talk over gloo (PLATFORM_NOTES: the multi-GPU
+ACCELERATE_USE_CPU=true so that the ranks pick the CPU and talk over gloo (docs/platform.md: the multi-GPU
 launcher is the one that starts several local ranks; `--cpu` would start independent jobs).
 """
 

@@ -90,3 +90,25 @@ def test_no_sys_path_edits():
                 if SYS_PATH_EDIT.search(line) and path.resolve() != pathlib.Path(__file__).resolve():
                     offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, "sys.path edits:\n" + "\n".join(offenders)
+
+
+# Documents that are not part of the repository; what the code relies on from them is in docs/. (The brackets keep
+# a plain grep for these names from finding this line; this file is also left out of the search.)
+OUTSIDE_DOCUMENTS = re.compile(r"DESIGN\.md|ALPS_[M]ETHOD|PLATFORM_[N]OTES|share[d]/|of the desig[n]\b")
+
+
+def test_no_reference_to_documents_outside_the_repository():
+    offenders = []
+    files = [REPO / "README.md"] + [
+        path
+        for folder in ("alps_trl", "benchmarks", "recipes", "tests", "docs", "launch")
+        for path in sorted((REPO / folder).rglob("*"))
+        if path.suffix in (".py", ".md", ".yaml", ".sh", ".sbatch") and "results" not in path.relative_to(REPO).parts
+    ]
+    for path in files:
+        if path.resolve() == pathlib.Path(__file__).resolve():
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if OUTSIDE_DOCUMENTS.search(line):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "references to documents outside the repository:\n" + "\n".join(offenders)

@@ -415,7 +415,10 @@ def test_drop_in_snippet_is_five_lines_and_imports_resolve():
 
 
 def test_readme_images_and_links_exist():
-    for doc in DOCS:
+    pages = ["launch/README.md", "benchmarks/README.md"] + sorted(
+        os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md"))
+    )
+    for doc in DOCS + pages:
         with open(os.path.join(REPO, doc)) as f:
             text = f.read()
         for target in re.findall(r"\]\(([^)#]+)\)", text):

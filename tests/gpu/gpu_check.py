@@ -216,7 +216,7 @@ def four_bit_delta(device: torch.device, dims: dict, steps: int, entry: dict[str
     assert not [n for n, p in model.named_parameters() if p.requires_grad and ".alps_delta." not in n]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, dims["vocab_size"], (2, 64), generator=gen).to(device)
-    # Train mode with autograd on: an eval/no-grad forward would repack 4-bit weights on CPU (see PLATFORM_NOTES).
+    # Train mode with autograd on: an eval/no-grad forward would repack 4-bit weights on CPU (see docs/platform.md).
     before = model(input_ids=ids).logits.detach().float()
     optimizer = torch.optim.AdamW(list(deltas.values()), lr=1e-3, weight_decay=0.1)
     losses, grad_norms = [], {}
