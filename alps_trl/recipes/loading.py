@@ -145,7 +145,7 @@ def load_raw_dataset(path_or_id: str, config_name: str | None = None, streaming:
 
 
 def prepare_datasets(script_args, kind: str, want_eval: bool):
-    """Load and format the train (and, if `want_eval`, test) split for "sft" or "preference" training.
+    """Load and format the train (and, if `want_eval`, test) split for "sft", "preference" or "grpo" training.
 
     Returns (train_dataset, eval_dataset or None). Missing splits and columns raise ValueError here,
     before any model is built.
