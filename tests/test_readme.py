@@ -446,7 +446,14 @@ def test_benchmarks_readme_lists_every_script():
     assert documented == scripts
 
 
-@pytest.mark.parametrize("command", _benchmark_commands())
+def _inline_benchmark_commands() -> list[str]:
+    """`python -m benchmarks...` commands written inline in README.md (optional flags in [brackets])."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        found = re.findall(r"`(python -m benchmarks\.[^`]+)`", f.read())
+    return sorted({re.sub(r"[\[\]]", "", c) for c in found})
+
+
+@pytest.mark.parametrize("command", _benchmark_commands() + _inline_benchmark_commands())
 def test_benchmarks_readme_command_parses(command, capsys):
     """Each command's module imports and its argument parser knows every flag the command passes (the quick runs
     are in tests/test_benchmarks_smoke.py; the full runs take minutes to hours)."""

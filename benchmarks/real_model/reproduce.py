@@ -1,12 +1,14 @@
 """Does head choice matter on a real model? ALPS against random and data-driven heads on SmolLM2-135M-Instruct.
 
 Usage:
-    python -m benchmarks.real_model.reproduce --output-dir DIR                # full run (resumable; ~3 h on 2 cores)
-    python -m benchmarks.real_model.reproduce --quick                           # pipeline check, < 5 min, temp dir
-    python -m benchmarks.real_model.reproduce --output-dir DIR --report-only    # rebuild RESULTS_REAL.md from DIR
-    python -m benchmarks.real_model.reproduce --device cuda --output-dir DIR    # larger configuration for a GPU
-    ... --families arithmetic --arms alps random importance --seeds 0 1   # filters
-    ... --parts ratio metric transfer table1                              # only the paper's ablations (~1.5 h)
+    python -m benchmarks.real_model.reproduce --output-dir DIR                # full run (resumable; ~3 h, 2 cores)
+    python -m benchmarks.real_model.reproduce --quick                         # pipeline check, < 5 min, temp dir
+    python -m benchmarks.real_model.reproduce --output-dir DIR --report-only  # rebuild RESULTS_REAL.md from DIR
+    python -m benchmarks.real_model.reproduce --device cuda --output-dir DIR  # larger configuration for a GPU
+    ... --families arithmetic --arms alps random importance --seeds 0 1       # filters
+    ... --parts ratio metric transfer table1                                  # only the paper's ablations (~1.5 h)
+
+The committed run's directory is benchmarks/results/real_model: a command on it skips every finished job.
 
 Parts (default: all): `headchoice`, the question below; and the paper's ablations (`real_model.ablations`), each
 its own table: `ratio` (Table 4: 2-50% of the heads), `metric` (Table 5: PAD, KL, JS, Euclidean, cosine), `transfer`
@@ -44,6 +46,7 @@ import torch
 
 from benchmarks.common import finetune_loop as loop
 from benchmarks.common import selection_controls as controls
+from benchmarks.common.run_info import REAL_MODEL_RESULTS
 from benchmarks.real_model import ablations, report
 from benchmarks.real_model import knowledge as rk
 from benchmarks.real_model import tasks as rt
@@ -381,7 +384,11 @@ class RealModelExperiment:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", help="where the result files and RESULTS_REAL.md go (--quick: a temp dir)")
+    parser.add_argument(
+        "--output-dir",
+        help=f"where the result files and RESULTS_REAL.md go (the committed run: {REAL_MODEL_RESULTS}; --quick: a "
+        "temporary directory)",
+    )
     parser.add_argument("--quick", action="store_true", help="one family, one seed, a few steps, tiny evaluation")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: more seeds and evaluation items)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from the files; no training")
