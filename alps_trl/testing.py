@@ -26,7 +26,7 @@ CHAT_TEMPLATE = (
 
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
-# Public so that scripts building the same tiny shape (e.g. benchmarks/gpu_check.py) need not repeat it.
+# Public so that scripts building the same tiny shape (e.g. tests/gpu/gpu_check.py) need not repeat it.
 TINY_DIMS: dict[str, Any] = dict(
     vocab_size=512,
     hidden_size=64,

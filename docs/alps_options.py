@@ -1,4 +1,4 @@
-"""Generate the README's table of `alps_*` options from the `AlpsArguments` dataclass (field, default, help).
+"""Generate the README's table of `alps_*` options from the `AlpsArguments` dataclass (field, default, help, choices).
 
 The table sits in README.md between the markers below; the tests fail when it differs from the dataclass.
 ```bash
@@ -30,7 +30,10 @@ def render_table() -> str:
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(AlpsArguments):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(f"| `{f.name}` | `{default!r}` | {_cell(f.metadata.get('help', ''))} |")
+        meaning = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            meaning += " Choices: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
+        rows.append(f"| `{f.name}` | `{default!r}` | {_cell(meaning)} |")
     return "\n".join(rows)
 
 

@@ -1,13 +1,14 @@
 """Helpers for the multi-process tests: a tiny base checkpoint, free ports, launching the repo's configs on CPU.
 
 Every launch goes through `accelerate launch` with a config from recipes/accelerate_configs/, with
-ACCELERATE_USE_CPU=true so that the ranks pick the CPU and talk over gloo (PLATFORM_NOTES: the multi-GPU
+ACCELERATE_USE_CPU=true so that the ranks pick the CPU and talk over gloo (docs/platform.md: the multi-GPU
 launcher is the one that starts several local ranks; `--cpu` would start independent jobs).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -69,6 +70,8 @@ def child_env(**extra: str) -> dict[str, str]:
     """The recipes' offline subprocess environment, plus CPU-only ranks with one thread each."""
     env = run_env()
     env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    # tests/distributed/train_tiny.py imports distributed_helpers from tests/.
+    env["PYTHONPATH"] = str(REPO / "tests") + os.pathsep + env["PYTHONPATH"]
     env.update(extra)
     return env
 

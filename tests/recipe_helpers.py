@@ -20,7 +20,7 @@ RECIPE_MARKER = re.compile(r"^# alps-recipe: (.*)$", re.MULTILINE)
 
 @cache
 def load_script(rel_path: str):
-    """Import a recipe script (recipes/*.py is not a package) as a module."""
+    """Import a script by its repository path (recipes/*.py, docs/*.py are not packages) as a module."""
     path = os.path.join(REPO, rel_path)
     name = "recipe_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)

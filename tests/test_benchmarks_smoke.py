@@ -21,7 +21,7 @@ def _run(args: list[str], timeout: int) -> str:
 
 @pytest.mark.slow
 def test_reproduce_paper_quick_writes_every_table_and_figure(tmp_path):
-    out = _run([str(BENCH / "reproduce_paper.py"), "--quick", "--output-dir", str(tmp_path)], timeout=170)
+    out = _run(["-m", "benchmarks.miniature.reproduce", "--quick", "--output-dir", str(tmp_path)], timeout=170)
     assert "wrote" in out
     report = (tmp_path / "RESULTS.md").read_text()
     for heading in (
@@ -46,7 +46,7 @@ def test_reproduce_paper_quick_writes_every_table_and_figure(tmp_path):
         "| ALPS 10%, heads from A |",
     ):
         assert row in report, row
-    assert "± " in report and "Command: `python benchmarks/reproduce_paper.py --quick" in report
+    assert "± " in report and "Command: `python -m benchmarks.miniature.reproduce --quick" in report
     for fig in ("accuracy_vs_ratio.png", "alps_heads_heatmap.png"):
         assert (tmp_path / "figures" / fig).stat().st_size > 1000
 
@@ -56,7 +56,7 @@ def test_bench_train_quick_reports_every_method(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# results\n\nkept text\n")
     out = _run(
-        [str(BENCH / "bench_train.py"), "--quick", "--threads", "1", "--update-results", str(results)], timeout=120
+        ["-m", "benchmarks.cost.training", "--quick", "--threads", "1", "--update-results", str(results)], timeout=120
     )
     for name in ("| Full |", "| w/o attn |", "| ALPS mask 10% |", "| ALPS delta 10%, rest frozen |", "| LoRA r=8"):
         assert name in out, name
@@ -79,7 +79,8 @@ def test_bench_localize_smollm2_quick_agrees_with_naive(tmp_path, smollm2_gguf):
     """Real model, briefly fine-tuned copy: alps-localize (directory and GGUF base) picks the naive path's heads."""
     before = _bench_files()
     out = _run(
-        [str(BENCH / "bench_localize.py"), "--model", "smollm2", "--quick", "--workdir", str(tmp_path)], timeout=420
+        ["-m", "benchmarks.cost.localization", "--model", "smollm2", "--quick", "--workdir", str(tmp_path)],
+        timeout=420,
     )
     assert "alps-localize, BASE = .gguf top-10% == alps-localize top-10%: True (27 heads)" in out
     assert "naive (HF load + scipy)" in out
@@ -91,7 +92,7 @@ def test_bench_localize_smollm2_quick_agrees_with_naive(tmp_path, smollm2_gguf):
 @pytest.mark.slow
 def test_bench_train_smollm2_quick_reports_every_method_and_its_peak_rss(smollm2_gguf):
     before = _bench_files()
-    out = _run([str(BENCH / "bench_train.py"), "--model", "smollm2", "--quick"], timeout=420)
+    out = _run(["-m", "benchmarks.cost.training", "--model", "smollm2", "--quick"], timeout=420)
     assert "Model: SmolLM2-135M-Instruct" in out and "Per-process peak RSS MB |" in out
     rows = {line.split(" | ")[0].lstrip("| "): line.strip(" |").split(" | ") for line in out.splitlines()}
     names = ("Full", "ALPS mask 10%", "ALPS delta 10%, rest frozen", "LoRA r=8 q/k/v", "LoRA r=128 q/k/v")
@@ -107,10 +108,9 @@ def test_bench_train_smollm2_quick_reports_every_method_and_its_peak_rss(smollm2
 
 def test_teacher_forced_exact_match_equals_greedy_decoding():
     """The reproduction scores exact match in one teacher-forced pass; it must agree with real greedy decoding."""
-    sys.path.insert(0, str(BENCH))
-    import finetune_loop as loop
-    import reproduce_paper as rp
-    import synthetic_tasks as data
+    from benchmarks.common import finetune_loop as loop
+    from benchmarks.miniature import reproduce as rp
+    from benchmarks.miniature import tasks as data
 
     tok = data.CharTokenizer()
     scale = rp.Scale(hidden=32, layers=2, heads=4, kv_heads=2)
@@ -135,7 +135,7 @@ def test_teacher_forced_exact_match_equals_greedy_decoding():
 
 def _greedy(model, tok, instruction: str, max_new: int):
     """Greedy decoding token by token (no cache): the ids before eos, or None if no eos within max_new tokens."""
-    import synthetic_tasks as data
+    from benchmarks.miniature import tasks as data
 
     ids = tok.encode(data.alpaca_prompt(instruction))
     out: list[int] = []
@@ -151,12 +151,13 @@ def _greedy(model, tok, instruction: str, max_new: int):
 
 @pytest.mark.slow
 def test_reproduce_real_quick_paths_write_every_part_and_skip_it_on_rerun(tmp_path, smollm2_gguf):
-    """reproduce_real.py --quick (two steps, tiny evaluation) into tmp_path: the head-choice part for one arm, and
-    each ablation part's quick path (ratio, metric, transfer, Table 1 setting) with its table; a rerun resumes."""
+    """benchmarks.real_model.reproduce --quick (two steps, tiny evaluation) into tmp_path: the head-choice part for one
+    arm, and each ablation part's quick path (ratio, metric, transfer, Table 1 setting) with its table; a rerun
+    resumes."""
     import json
 
     before = _bench_files()
-    args = [str(BENCH / "reproduce_real.py"), "--quick", "--arms", "random", "--output-dir", str(tmp_path)]
+    args = ["-m", "benchmarks.real_model.reproduce", "--quick", "--arms", "random", "--output-dir", str(tmp_path)]
     out = _run(args, timeout=900)  # a hang guard: ~3 min on 2 idle cores, 3-4x that on a loaded machine
     result = tmp_path / "runs" / "arithmetic" / "random" / "seed0.json"
     data = json.loads(result.read_text())
@@ -199,10 +200,10 @@ def test_reproduce_real_quick_paths_write_every_part_and_skip_it_on_rerun(tmp_pa
 
 
 def test_reproduce_paper_quick_without_output_dir_leaves_benchmarks_untouched(monkeypatch, capsys):
-    """`reproduce_paper.py --quick` with no --output-dir writes into a new temporary directory (the experiment and
-    the report writers are stubbed here: this checks where the files go, the smoke test above checks the run)."""
-    sys.path.insert(0, str(BENCH))
-    import reproduce_paper as rp
+    """`benchmarks.miniature.reproduce --quick` with no --output-dir writes into a new temporary directory (the
+    experiment and the report writers are stubbed here: this checks where the files go, the smoke test above checks
+    the run)."""
+    from benchmarks.miniature import reproduce as rp
 
     class NoExperiment:
         lr, base_general, sweep, runs, sel = {}, {}, [], [], {}
@@ -214,7 +215,7 @@ def test_reproduce_paper_quick_without_output_dir_leaves_benchmarks_untouched(mo
             pass
 
     written = []
-    monkeypatch.setattr(rp, "Experiment", NoExperiment)
+    monkeypatch.setattr(rp, "MiniatureExperiment", NoExperiment)
     monkeypatch.setattr(rp.report, "figures", lambda exp, folder: [])
     monkeypatch.setattr(rp.report, "write_report", lambda exp, path, *a: written.append(path))
     before = _bench_files()

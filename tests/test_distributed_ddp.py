@@ -115,14 +115,14 @@ def test_ddp_selection_mismatch_fails_loudly(tmp_path):
 
 
 def test_ddp_overhead_benchmark_runs_side_by_side():
-    """benchmarks/bench_ddp_overhead.py (shrunk): a real 2-rank DDP launch that prints both medians and the ratio."""
+    """benchmarks/cost/ddp_overhead.py (shrunk): a real 2-rank DDP launch that prints both medians and the ratio."""
     import re
     import subprocess
     import sys
 
     from distributed_helpers import REPO, child_env
 
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_ddp_overhead.py"), "--blocks", "2", "--block-steps", "1",
+    cmd = [sys.executable, "-m", "benchmarks.cost.ddp_overhead", "--blocks", "2", "--block-steps", "1",
            "--warmup", "1", "--hidden", "64", "--layers", "1", "--vocab", "256", "--seq-len", "32"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -1,7 +1,7 @@
 """FSDP2 on CPU (gloo) through `accelerate launch` with recipes/accelerate_configs/fsdp2.yaml and fsdp2_qlora.yaml.
 
 accelerate turns only GPU-type states into FSDP; tests/distributed/train_tiny.py --fsdp applies the CPU switch from
-PLATFORM_NOTES (state marked MULTI_GPU before the trainer builds its Accelerator), so these are real fully_shard
+docs/platform.md (state marked MULTI_GPU before the trainer builds its Accelerator), so these are real fully_shard
 runs: every test asserts FSDP2 DTensor parameters and the world size it meant. Checks run on the gathered full
 tensors (deltas merged in delta mode).
 """

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py: exits cleanly without CUDA, and every section's code path runs on the CPU (tiny)."""
+"""tests/gpu/gpu_check.py: exits cleanly without CUDA, and every section's code path runs on the CPU (tiny)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+SCRIPT = Path(__file__).resolve().parent / "gpu" / "gpu_check.py"
 
 
 def test_without_cuda_it_says_so_and_exits_zero():

@@ -216,7 +216,7 @@ def test_heads_file_errors(ckpts, tmp_path, capsys):
 
 
 def test_benchmark_script_tiny(tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_localize.py"), "--tiny", "--workdir", str(tmp_path)]
+    cmd = [sys.executable, "-m", "benchmarks.cost.localization", "--tiny", "--workdir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "alps-localize" in proc.stdout and "naive (HF load + scipy)" in proc.stdout

@@ -17,6 +17,7 @@ from recipe_helpers import (
     check_launch_command,
     env_and_argv,
     fenced_shell_commands,
+    load_script,
     parse_accelerate_launch,
     read_yaml,
     recipe_marker,
@@ -384,15 +385,10 @@ def test_gpu_and_cluster_commands_have_valid_files_and_flags(command, tmp_path):
 
 def test_options_table_matches_the_dataclass():
     import dataclasses
-    import sys
 
     from alps_trl.trainers.config import AlpsArguments
 
-    sys.path.insert(0, os.path.join(REPO, "docs"))
-    try:
-        import alps_options
-    finally:
-        sys.path.pop(0)
+    alps_options = load_script("docs/alps_options.py")
     with open(os.path.join(REPO, "README.md")) as f:
         text = f.read()
     assert alps_options.replace_block(text, alps_options.render_table()) == text, (
@@ -419,7 +415,10 @@ def test_drop_in_snippet_is_five_lines_and_imports_resolve():
 
 
 def test_readme_images_and_links_exist():
-    for doc in DOCS:
+    pages = ["launch/README.md", "benchmarks/README.md"] + sorted(
+        os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md"))
+    )
+    for doc in DOCS + pages:
         with open(os.path.join(REPO, doc)) as f:
             text = f.read()
         for target in re.findall(r"\]\(([^)#]+)\)", text):
@@ -427,3 +426,44 @@ def test_readme_images_and_links_exist():
                 continue
             path = os.path.normpath(os.path.join(REPO, os.path.dirname(doc), target))
             assert os.path.exists(path), f"{doc} links to missing {target}"
+
+
+def _benchmark_commands() -> list[str]:
+    """The commands in benchmarks/README.md's table of scripts (the Command column)."""
+    with open(os.path.join(REPO, "benchmarks", "README.md")) as f:
+        rows = [line for line in f if line.startswith("| `") and "python -m benchmarks." in line]
+    return [re.search(r"`(python -m benchmarks\.[^`]+)`", row).group(1) for row in rows]
+
+
+def test_benchmarks_readme_lists_every_script():
+    """Every benchmark entry point (a module with main()) has a row in benchmarks/README.md, and nothing else does."""
+    documented = {shlex.split(c)[2] for c in _benchmark_commands()}
+    scripts = set()
+    for path in glob.glob(os.path.join(REPO, "benchmarks", "*", "*.py")):
+        with open(path) as f:
+            if 'if __name__ == "__main__":' in f.read():
+                scripts.add(os.path.relpath(path, REPO).removesuffix(".py").replace(os.sep, "."))
+    assert documented == scripts
+
+
+def _inline_benchmark_commands() -> list[str]:
+    """`python -m benchmarks...` commands written inline in README.md (optional flags in [brackets])."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        found = re.findall(r"`(python -m benchmarks\.[^`]+)`", f.read())
+    return sorted({re.sub(r"[\[\]]", "", c) for c in found})
+
+
+@pytest.mark.parametrize("command", _benchmark_commands() + _inline_benchmark_commands())
+def test_benchmarks_readme_command_parses(command, capsys):
+    """Each command's module imports and its argument parser knows every flag the command passes (the quick runs
+    are in tests/test_benchmarks_smoke.py; the full runs take minutes to hours)."""
+    import importlib
+
+    argv = shlex.split(command)
+    module = importlib.import_module(argv[2])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    for flag in (a for a in argv[3:] if a.startswith("--")):
+        assert f"{flag} " in usage or f"{flag}\n" in usage or f"{flag}," in usage, (command, flag)

@@ -21,6 +21,7 @@ from recipe_helpers import (
 )
 
 from alps_trl.recipes import arguments as recipe_utils
+from alps_trl.recipes import loading
 
 RECIPES = recipe_yamls()
 PAPER_SFT = [r for r in RECIPES if "/dpo/" not in r and "/grpo/" not in r]
@@ -238,7 +239,7 @@ def test_missing_dataset_column_fails_before_any_model_is_built(tmp_path, monkey
     def no_model(*a, **k):
         raise AssertionError("a model was built before the dataset was checked")
 
-    monkeypatch.setattr(recipe_utils, "load_model_and_tokenizer", no_model)
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", no_model)
     with pytest.raises(ValueError, match=r"column\(s\) \['response'\] missing"):
         load_script("recipes/sft_alps.py").main(script_args, training_args, model_args)
 
@@ -268,7 +269,7 @@ def test_flash_attention_falls_back_to_sdpa_with_one_warning(monkeypatch, caplog
     from transformers.utils import logging as hf_logging
 
     hf_logging.warning_once.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="alps_trl.recipes.arguments"):
+    with caplog.at_level(logging.WARNING, logger="alps_trl.recipes.loading"):
         assert recipe_utils.resolve_attn_implementation("flash_attention_2") == "sdpa"
         assert recipe_utils.resolve_attn_implementation("flash_attention_2") == "sdpa"
     assert sum("flash_attention_2" in r.getMessage() for r in caplog.records) == 1
@@ -287,7 +288,7 @@ def test_flash_attention_on_a_gpu_older_than_it_supports_falls_back(monkeypatch,
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
     hf_logging.warning_once.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="alps_trl.recipes.arguments"):
+    with caplog.at_level(logging.WARNING, logger="alps_trl.recipes.loading"):
         assert recipe_utils.resolve_attn_implementation("flash_attention_2") == "sdpa"
     assert "Tesla T4 has compute capability 7.5, and flash_attention_2 needs 8.0 or newer" in caplog.text
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))

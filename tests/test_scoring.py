@@ -1,4 +1,4 @@
-"""score_heads equals the definition (ALPS_METHOD.md) computed independently, head by head."""
+"""score_heads equals the definition (docs/method.md) computed independently, head by head."""
 
 import numpy as np
 import pytest

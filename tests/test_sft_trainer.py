@@ -21,7 +21,8 @@ from transformers import TrainerCallback
 from alps_trl.localization.selection import HeadSelection
 from alps_trl.trainers.sft import AlpsSFTTrainer
 
-# The properties the design promises hold under AdamW decay, gradient accumulation and clipping.
+# ALPS's promises (unselected rows bit-identical, selected rows train) hold under AdamW decay, gradient
+# accumulation and clipping.
 HARD = dict(weight_decay=0.1, gradient_accumulation_steps=2, max_grad_norm=1.0, max_steps=3)
 
 

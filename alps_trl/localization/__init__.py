@@ -1,4 +1,4 @@
-"""Layers 1-3 of the design: which heads to train.
+"""Layers 1-3 (docs/architecture.md): which heads to train.
 
 - `anatomy`: where each layer's q/k/v/o projections and heads are (`AttentionLayout`).
 - `weights`, `gguf`: stream q/k/v tensors from checkpoints (safetensors, .bin, GGUF) or in-memory models.

@@ -1,6 +1,6 @@
 """Model anatomy: where every layer's q/k/v/o projections live and how their rows split into heads.
 
-Layer 1 of the architecture. Everything above (weight streaming, scoring, restriction) asks an
+Layer 1 (docs/architecture.md). Everything above (weight streaming, scoring, restriction) asks an
 `AttentionLayout` for tensor names and row slices instead of knowing architectures itself.
 
 Torch layout: a Linear weight is [out_features, in_features]. Query head h owns rows

@@ -60,7 +60,7 @@ def head_importance(
         progress: show a tqdm bar over the batches.
         train_mode: run the model in training mode (dropout active) instead of eval mode. Models with 4-bit
             bitsandbytes weights on CPU always run in training mode: an eval-mode forward there repacks the
-            weights, after which no gradient flows through them (see PLATFORM_NOTES.md).
+            weights, after which no gradient flows through them (docs/platform.md).
     Returns:
         float64 CPU tensor [num_layers, num_heads].
 

@@ -1,6 +1,6 @@
 """Head scores: how far each attention head's distribution moved between a base and a task model.
 
-Layer 3 (scoring half), pure array code; the definition is fixed by ALPS_METHOD.md:
+Layer 3 (scoring half), pure array code; the definition (docs/method.md, "Scoring a head: PAD"):
 
     Wo[h] = Wq[h]^T @ (Wk[g] @ Wv[g]^T)        [d, hd], g = h // (H // KV)
     P[h]  = softmax(flatten(Wo[h]) / tau)       N = d * hd entries, row-major

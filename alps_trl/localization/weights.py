@@ -1,6 +1,6 @@
 """Stream one layer's q/k/v weights at a time, from a checkpoint, the local HF cache or a model in memory.
 
-Layer 2 of the architecture. Scoring needs a few attention matrices per layer; loading a whole model
+Layer 2 (docs/architecture.md). Scoring needs a few attention matrices per layer; loading a whole model
 to read them costs the model's full size in memory. A `WeightSource` reads only the rows it is asked
 for:
 

@@ -1,6 +1,6 @@
 """Exact match of greedy generations on held-out prompts: what the recipes report before and after training.
 
-Layer 6 helper (entry points). A loss going down says little to a user; "the model now answers 87 of 100
+A loss going down says little to a user; "the model now answers 87 of 100
 held-out prompts exactly, and here are three of its answers before and after" does. The prompts and
 reference answers come from an evaluation split in TRL's formats: prompt-completion (SFT) or preference
 (DPO, where the reference is the chosen answer). Prompts may be plain strings or conversations (lists of

@@ -1,30 +1,44 @@
-"""The body of the recipe scripts (`recipes/sft_alps.py`, `recipes/dpo_alps.py`): one `main` for both.
+"""The body of the recipe scripts (`recipes/sft_alps.py`, `recipes/dpo_alps.py`, `recipes/grpo_alps.py`): one
+`main` for all three.
 
-Layer 6 (entry points). The scripts keep TRL's shape (parse with `TrlParser`, call `main(script_args,
-training_args, model_args)`); what differs between SFT and DPO is the trainer class and the data kind.
-A run: load data (errors before any model is built) -> load the model (a GGUF file is converted once) ->
-build the ALPS trainer (localizes heads) -> evaluate (loss, and greedy exact match on held-out prompts)
--> train -> evaluate again -> save -> print the summary.
+The scripts keep TRL's shape (parse with `TrlParser`, call `main(script_args, training_args, model_args)`); what
+differs between the kinds is one row of `RECIPE_KINDS`: the trainer, its config, the data kind, and whether the
+trainer takes reward functions. A run: load data (errors before any model is built) -> load the model (a GGUF file
+is converted once) -> build the ALPS trainer (localizes heads) -> evaluate (loss, and greedy exact match on held-out
+prompts) -> train -> evaluate again -> save -> print the summary.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from transformers.utils import logging
 
-from alps_trl.recipes import arguments as ru
+from alps_trl.recipes import arguments, loading, report
 
 logger = logging.get_logger(__name__)
 
-# recipe kind -> (trainer class name in alps_trl, dataset kind of alps_trl.recipes.data.format_dataset)
-KINDS = {
-    "sft": ("AlpsSFTTrainer", "sft"),
-    "dpo": ("AlpsDPOTrainer", "preference"),
-    "grpo": ("AlpsGRPOTrainer", "grpo"),
+
+@dataclass(frozen=True)
+class RecipeKind:
+    """What one recipe kind runs: class names in `alps_trl` and `alps_trl.trainers.config`, and its data."""
+
+    trainer: str
+    config: str
+    data_kind: str  # the `kind` of alps_trl.recipes.data.format_dataset ("grpo": prompts as they are)
+    takes_rewards: bool = False  # the trainer's `reward_funcs` come from --reward_funcs
+
+
+RECIPE_KINDS = {
+    "sft": RecipeKind("AlpsSFTTrainer", "AlpsSFTConfig", "sft"),
+    "dpo": RecipeKind("AlpsDPOTrainer", "AlpsDPOConfig", "preference"),
+    "grpo": RecipeKind("AlpsGRPOTrainer", "AlpsGRPOConfig", "grpo", takes_rewards=True),
 }
+# recipe kind -> (trainer class name, data kind), as this module named it before RECIPE_KINDS.
+KINDS = {name: (k.trainer, k.data_kind) for name, k in RECIPE_KINDS.items()}
 
 
 def main(kind: str, script_args: Any, training_args: Any, model_args: Any) -> Any:
@@ -34,22 +48,22 @@ def main(kind: str, script_args: Any, training_args: Any, model_args: Any) -> An
 
     import alps_trl
 
-    trainer_name, data_kind = KINDS[kind]
+    recipe = RECIPE_KINDS[kind]
     start = time.perf_counter()
-    ru.check_no_peft(model_args)
+    arguments.check_no_peft(model_args)
     model_name = model_args.model_name_or_path
     want_eval = not script_args.localize_only and (
         training_args.eval_strategy != "no" or script_args.eval_before_and_after or script_args.eval_generations > 0
     )
-    train_dataset, eval_dataset = ru.prepare_datasets(script_args, data_kind, want_eval)
-    model, tokenizer = ru.load_model_and_tokenizer(script_args, training_args, model_args)
+    train_dataset, eval_dataset = loading.prepare_datasets(script_args, recipe.data_kind, want_eval)
+    model, tokenizer = loading.load_model_and_tokenizer(script_args, training_args, model_args)
 
     extra = {}
-    if kind == "grpo":
+    if recipe.takes_rewards:
         from alps_trl.recipes.rewards import reward_functions
 
         extra["reward_funcs"] = reward_functions(script_args.reward_funcs)
-    trainer = getattr(alps_trl, trainer_name)(
+    trainer = getattr(alps_trl, recipe.trainer)(
         model=model,
         **extra,
         args=training_args,
@@ -59,20 +73,20 @@ def main(kind: str, script_args: Any, training_args: Any, model_args: Any) -> An
     )
     say = trainer.accelerator.print
     # Reading head_selection localizes now (probe, task model or heads file) instead of at the start of train().
-    say(ru.selection_line(trainer.head_selection))
+    say(report.selection_line(trainer.head_selection))
     if script_args.localize_only:
-        for line in ru.output_lines(training_args.output_dir)[1:]:
+        for line in report.output_lines(training_args.output_dir)[1:]:
             say(line)
         return trainer
 
-    before = ru.evaluate_before_training(trainer) if script_args.eval_before_and_after else None
+    before = report.evaluate_before_training(trainer) if script_args.eval_before_and_after else None
     generations_before = generation_eval(trainer, script_args, eval_dataset, "before training")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     after = trainer.evaluate() if script_args.eval_before_and_after else None
     generations_after = generation_eval(trainer, script_args, eval_dataset, "after training")
     trainer.save_model(training_args.output_dir)
 
-    lines = ru.summary_lines(trainer, before, after, time.perf_counter() - start, model_name=model_name)
+    lines = report.summary_lines(trainer, before, after, time.perf_counter() - start, model_name=model_name)
     if generations_after is not None:
         from alps_trl.recipes.generation_eval import comparison_lines
 
@@ -92,11 +106,11 @@ def generation_eval(trainer: Any, script_args: Any, eval_dataset: Any, when: str
     """Greedy exact match on the first `eval_generations` test prompts (main process), or None where skipped.
 
     Skipped with a warning where a forward outside training would break it (see
-    `recipe_utils.generation_blocker`); other processes skip it and wait at the next collective.
+    `report.generation_blocker`); other processes skip it and wait at the next collective.
     """
     if script_args.eval_generations <= 0 or eval_dataset is None:
         return None
-    blocker = ru.generation_blocker(trainer, before_training=when == "before training")
+    blocker = report.generation_blocker(trainer, before_training=when == "before training")
     if blocker:
         logger.warning(f"Skipping the generation evaluation {when}: {blocker}.")
         return None
@@ -129,14 +143,12 @@ def recipe_parser(kind: str):
     """TRL's parser of a recipe script: (AlpsScriptArguments, the kind's Alps*Config, ModelConfig)."""
     from trl import ModelConfig, TrlParser
 
-    from alps_trl.recipes.arguments import AlpsScriptArguments
     from alps_trl.trainers import config
 
-    configs = {"sft": config.AlpsSFTConfig, "dpo": config.AlpsDPOConfig, "grpo": config.AlpsGRPOConfig}
-    return TrlParser((AlpsScriptArguments, configs[kind], ModelConfig))
+    return TrlParser((arguments.AlpsScriptArguments, getattr(config, RECIPE_KINDS[kind].config), ModelConfig))
 
 
 def script_entry(kind: str, make_parser, argv: list[str], demo_dir: str | os.PathLike) -> Any:
     """`if __name__ == "__main__":` of a recipe script: parse (demo defaults when no model is named) and run."""
-    script_args, training_args, model_args = ru.parse_recipe_args(make_parser(), kind, argv, str(demo_dir))
+    script_args, training_args, model_args = arguments.parse_recipe_args(make_parser(), kind, argv, str(demo_dir))
     return main(kind, script_args, training_args, model_args)

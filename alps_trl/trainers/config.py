@@ -1,9 +1,11 @@
 """Training configuration: the `alps_*` options and the TRL configs that carry them.
 
-`AlpsArguments` holds only the ALPS options. `AlpsSFTConfig` / `AlpsDPOConfig` combine them with TRL's
-`SFTConfig` / `DPOConfig`, so `TrlParser`, `HfArgumentParser`, YAML recipes and CLI flags
-(`--alps_ratio 0.1`) work unchanged. A plain `SFTConfig` / `DPOConfig` given to an ALPS trainer gets
-the defaults below.
+`AlpsArguments` holds only the ALPS options. `AlpsSFTConfig` / `AlpsDPOConfig` / `AlpsGRPOConfig` combine them
+with TRL's `SFTConfig` / `DPOConfig` / `GRPOConfig`, so `TrlParser`, `HfArgumentParser`, YAML recipes and CLI flags
+(`--alps_ratio 0.1`) work unchanged. A plain TRL config given to an ALPS trainer gets the defaults below.
+
+As in TRL's configs, a field with a fixed set of values lists it as `metadata["choices"]`: `--help` shows it, and
+`validate_alps` checks every such field against that one list.
 """
 
 from __future__ import annotations
@@ -55,15 +57,19 @@ class AlpsArguments:
     alps_metric: str = field(
         default="pad",
         metadata={
-            "help": f"Head score for alps_strategy top_k: one of {', '.join(TRAINER_METRICS)}. 'pad' (Wasserstein-1) "
-            "is the paper's; the weight distances compare the task model (or the probe's) with the base. "
-            "'importance' needs no task model: the absolute gradient of the training loss with respect to a gate "
-            "on each head's output, summed over training batches (Michel et al. 2019)."
+            "help": "Head score for alps_strategy top_k. 'pad' (Wasserstein-1) is the paper's; the weight distances "
+            "compare the task model (or the probe's) with the base. 'importance' needs no task model: the absolute "
+            "gradient of the training loss with respect to a gate on each head's output, summed over training "
+            "batches (Michel et al. 2019).",
+            "choices": list(TRAINER_METRICS),
         },
     )
     alps_strategy: str = field(
         default="top_k",
-        metadata={"help": f"Head selection: one of {', '.join(STRATEGIES)} (random baselines need no scores)."},
+        metadata={
+            "help": "Head selection: the top-scoring heads, or a random baseline that needs no scores.",
+            "choices": list(STRATEGIES),
+        },
     )
     alps_temperature: float = field(
         default=1.0,
@@ -77,8 +83,8 @@ class AlpsArguments:
         default=None,
         metadata={
             "help": "Optimizer steps of the attention-only probe fine-tune that derives a task model when neither "
-            "alps_task_model nor alps_heads is given (and alps_metric is not 'importance'). None: 10% of the planned "
-            "training steps (at least 1). "
+            "alps_task_model nor alps_heads is given (and alps_metric is not 'importance'). None: a tenth of the "
+            "planned training steps (at least 1). "
             "0 disables the probe (then a task model or heads file is required)."
         },
     )
@@ -86,7 +92,7 @@ class AlpsArguments:
         default=None,
         metadata={
             "help": "Training batches per process that alps_metric='importance' scores on (each process a different "
-            f"share). None: 10% of the planned training steps x gradient_accumulation_steps, at least 1, at most "
+            f"share). None: a tenth of the planned training steps x gradient_accumulation_steps, at least 1, at most "
             f"{IMPORTANCE_MAX_BATCHES}."
         },
     )
@@ -95,7 +101,8 @@ class AlpsArguments:
         metadata={
             "help": "How the update is restricted: 'mask' (zero gradient rows of unselected heads), 'delta' "
             "(frozen base + trainable per-head deltas; required for 4-bit bases) or 'auto' (delta for quantized "
-            "bases, mask otherwise)."
+            "bases, mask otherwise).",
+            "choices": list(MODES),
         },
     )
     alps_train_non_attention: bool = field(
@@ -127,10 +134,12 @@ class AlpsArguments:
             self.alps_ratio = validate_ratio(self.alps_ratio)
         except ValueError as err:
             raise ValueError(f"alps_ratio: {err}") from None
-        if self.alps_metric not in TRAINER_METRICS:
-            raise ValueError(
-                f"alps_metric={self.alps_metric!r} is not known; choose one of {', '.join(TRAINER_METRICS)}."
-            )
+        for f in dataclasses.fields(AlpsArguments):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(
+                    f"{f.name}={getattr(self, f.name)!r} is not known; choose one of {', '.join(map(str, choices))}."
+                )
         if self.alps_metric == "importance" and self.alps_task_model:
             raise ValueError(
                 "alps_metric='importance' scores heads on the training data and uses no task model, but "
@@ -142,12 +151,6 @@ class AlpsArguments:
                 "alps_importance_batches must be >= 1 (or None for the default budget), "
                 f"got {self.alps_importance_batches!r}."
             )
-        if self.alps_strategy not in STRATEGIES:
-            raise ValueError(
-                f"alps_strategy={self.alps_strategy!r} is not known; choose one of {', '.join(STRATEGIES)}."
-            )
-        if self.alps_mode not in MODES:
-            raise ValueError(f"alps_mode={self.alps_mode!r} is not known; choose one of {', '.join(MODES)}.")
         if not float(self.alps_temperature) > 0:
             raise ValueError(f"alps_temperature must be > 0, got {self.alps_temperature!r}.")
         if self.alps_probe_steps is not None and int(self.alps_probe_steps) < 0:

@@ -141,7 +141,7 @@ PRIVATE_API: tuple[PrivateUse, ...] = (
     PrivateUse(
         "torch.ops.mkldnn:_is_mkldnn_bf16_supported",
         "call",
-        "recipes.arguments",
+        "recipes.demo",
         "whether this CPU computes bf16 natively (the demo's autocast choice)",
     ),
 )

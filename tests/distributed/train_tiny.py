@@ -28,9 +28,7 @@ import os
 import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distributed_helpers import state_digest  # noqa: E402
+from distributed_helpers import state_digest  # tests/ is on PYTHONPATH (distributed_helpers.child_env)
 
 SCENARIOS = {
     # name: (trainer, alps_mode, train_non_attention)
@@ -146,7 +144,7 @@ def length_reward(completions, **kwargs):
 
 
 def mark_fsdp_switch() -> None:
-    # CPU only: accelerate promotes only GPU-type states to FSDP (see PLATFORM_NOTES), so present the gloo ranks
+    # CPU only: accelerate promotes only GPU-type states to FSDP (see docs/platform.md), so present the gloo ranks
     # as MULTI_GPU; the Accelerator built by the trainer then applies the FSDP2 plugin from the launch config.
     from accelerate import PartialState
     from accelerate.utils import DistributedType

@@ -18,6 +18,7 @@ Methods:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,7 +127,7 @@ def loss_of(model: torch.nn.Module, batch: Any, autocast_dtype: torch.dtype | No
 
     With `autocast_dtype` (e.g. torch.bfloat16) the forward pass runs under torch.autocast on the batch's device;
     the loss it returns is float32 either way. A batch may carry `forward_kwargs` (a dict) for the model call, e.g.
-    ``logits_to_keep`` with labels of the kept positions only (`real_tasks.ChatBatch`).
+    ``logits_to_keep`` with labels of the kept positions only (`real_model.tasks.ChatBatch`).
     """
     device_type = batch.input_ids.device.type
     extra = getattr(batch, "forward_kwargs", None) or {}
@@ -193,3 +194,18 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             if torch.is_tensor(value):
                 total += value.numel() * value.element_size()
     return total
+
+
+def batch_indices(num_items: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` lists of `batch_size` item indices, drawn by shuffled epochs over range(num_items) (seeded)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    out = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(num_items))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        take, order = order[:batch_size], order[batch_size:]
+        out.append(take)
+    return out

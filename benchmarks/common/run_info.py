@@ -11,6 +11,15 @@ from collections.abc import Sequence
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+# Where the committed results of each benchmark live (repository-relative, as commands and reports write them).
+RESULTS = "benchmarks/results"
+MINIATURE_RESULTS = f"{RESULTS}/miniature"
+REAL_MODEL_RESULTS = f"{RESULTS}/real_model"
+# The training-cost section that `cost.training --update-results` writes into the miniature's RESULTS.md, and that
+# the miniature's report keeps when it rewrites that file.
+TRAINING_COST_START = "<!-- bench_train:start -->"
+TRAINING_COST_END = "<!-- bench_train:end -->"
 
 
 def git_commit(own_outputs: Sequence[str] = (), short: bool = True) -> str:
@@ -49,7 +58,7 @@ def package_versions(names: Sequence[str]) -> dict[str, str]:
 
 
 def kept_section(path: str, start: str, end: str) -> str:
-    """Text between the markers in an existing report (hand-written interpretation, bench_train's table), or ''."""
+    """Text between the markers in an existing report (hand-written interpretation, the training-cost table), or ''."""
     if not os.path.isfile(path):
         return ""
     text = open(path).read()

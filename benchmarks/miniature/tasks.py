@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.common.finetune_loop import batch_indices
+
 ALPACA_HEADER = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n"
@@ -215,21 +217,6 @@ def collate(tok: CharTokenizer, pairs: Sequence[tuple[str, str]]) -> Batch:
         lab[i, : len(lb)] = torch.tensor(lb)
         mask[i, : len(r)] = 1
     return Batch(ids, lab, mask)
-
-
-def batch_indices(num_items: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """`steps` lists of `batch_size` item indices, drawn by shuffled epochs over range(num_items) (seeded)."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    out = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            fresh = list(range(num_items))
-            rng.shuffle(fresh)
-            order.extend(fresh)
-        take, order = order[:batch_size], order[batch_size:]
-        out.append(take)
-    return out
 
 
 def batches(

@@ -1,19 +1,21 @@
 """Does head choice matter on a real model? ALPS against random and data-driven heads on SmolLM2-135M-Instruct.
 
 Usage:
-    python benchmarks/reproduce_real.py --output-dir /work/real_run       # full run (resumable; ~3 h on 2 cores)
-    python benchmarks/reproduce_real.py --quick                           # pipeline check, < 5 min, temp dir
-    python benchmarks/reproduce_real.py --output-dir DIR --report-only    # rebuild RESULTS_REAL.md from DIR
-    python benchmarks/reproduce_real.py --device cuda --output-dir DIR    # larger configuration for a GPU
-    ... --families arithmetic --arms alps random importance --seeds 0 1   # filters
-    ... --parts ratio metric transfer table1                              # only the paper's ablations (~1.5 h)
+    python -m benchmarks.real_model.reproduce --output-dir DIR                # full run (resumable; ~3 h, 2 cores)
+    python -m benchmarks.real_model.reproduce --quick                         # pipeline check, < 5 min, temp dir
+    python -m benchmarks.real_model.reproduce --output-dir DIR --report-only  # rebuild RESULTS_REAL.md from DIR
+    python -m benchmarks.real_model.reproduce --device cuda --output-dir DIR  # larger configuration for a GPU
+    ... --families arithmetic --arms alps random importance --seeds 0 1       # filters
+    ... --parts ratio metric transfer table1                                  # only the paper's ablations (~1.5 h)
 
-Parts (default: all): `headchoice`, the question below; and the paper's ablations (`real_ablations`), each its own
-table: `ratio` (Table 4: 2-50% of the heads), `metric` (Table 5: PAD, KL, JS, Euclidean, cosine), `transfer` (Table 2:
-one family's heads trained on the other) and `table1` (Table 1: the rest of the network trains too, with LC, w/o attn,
-LoRA r128 and Full). An ablation row that is a head-choice arm reuses that arm's result files.
+The committed run's directory is benchmarks/results/real_model: a command on it skips every finished job.
 
-Protocol (RESULTS_REAL.md states the sizes): two task families on which the base scores ~0% (`real_tasks`), each
+Parts (default: all): `headchoice`, the question below; and the paper's ablations (`real_model.ablations`), each
+its own table: `ratio` (Table 4: 2-50% of the heads), `metric` (Table 5: PAD, KL, JS, Euclidean, cosine), `transfer`
+(Table 2: one family's heads trained on the other) and `table1` (Table 1: the rest of the network trains too, with
+LC, w/o attn, LoRA r128 and Full). An ablation row that is a head-choice arm reuses that arm's result files.
+
+Protocol (RESULTS_REAL.md states the sizes): two task families on which the base scores ~0% (`real_model.tasks`), each
 with disjoint splits A (the task model's data), B (the arms' training data), validation and test. ALPS's task model is
 a full fine-tune on A; PAD (`alps_trl.localize_heads`) picks 10% of the heads. Every head arm trains only its heads'
 q/k/v rows (delta restriction, everything else frozen) on B; Full and LoRA r8 (q/k/v) are references. All arms of a
@@ -32,45 +34,34 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import math
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import finetune_loop as loop  # noqa: E402
-import real_ablations as ablations  # noqa: E402
-import real_knowledge as rk  # noqa: E402
-import real_report as report  # noqa: E402
-import real_tasks as rt  # noqa: E402
-import selection_controls as controls  # noqa: E402
-from real_config import ARMS, CALIBRATION, CUDA, NEEDS_TASK_MODEL, QUICK, STAGES, SWEEP_ARM, Sizes  # noqa: E402
-from run_info import write_json  # noqa: E402
-
-
-@dataclass
-class Job:
-    name: str
-    path: str
-    kind: str  # for the ETA: jobs of one kind take about as long
-    run: Callable[[], dict]
+from benchmarks.common import finetune_loop as loop
+from benchmarks.common import selection_controls as controls
+from benchmarks.common.run_info import REAL_MODEL_RESULTS
+from benchmarks.real_model import ablations, report
+from benchmarks.real_model import knowledge as rk
+from benchmarks.real_model import tasks as rt
+from benchmarks.real_model.config import ARMS, CALIBRATION, CUDA, NEEDS_TASK_MODEL, QUICK, Sizes
+from benchmarks.real_model.plan import REPORT_EVERY_S, execute, plan, throttled
+from benchmarks.real_model.store import Store
 
 
-class Experiment:
-    """The model, data and every job of a run; the model loads only when a job needs it."""
+class RealModelExperiment:
+    """The model, data and every job of a run (`plan.plan` orders them); the model loads only when a job needs it."""
 
     def __init__(
         self,
         sizes: Sizes,
-        store: report.Store,
+        store: Store,
         device: str,
         log: Callable[[str], None],
         ablation: ablations.AblationSizes | None = None,
@@ -90,8 +81,9 @@ class Experiment:
 
     # ---- lazily loaded pieces -----------------------------------------------------------------------------------
     def _load(self) -> None:
-        import smollm2
         from transformers import AutoTokenizer
+
+        from benchmarks.common import smollm2
 
         _, directory = smollm2.model_paths()
         self._base = smollm2.load_model(directory).to(self.device)
@@ -388,183 +380,15 @@ class Experiment:
         _, point = self.store.chosen_lr(fam, lr_family, self.lr_grid(lr_family))
         return {**point, "from_sweep": True, "sweep_job": point.pop("job", None)}
 
-    # ---- the plan -----------------------------------------------------------------------------------------------
-    def plan(
-        self,
-        families: list[str],
-        arms: list[str],
-        seeds: list[int] | None,
-        parts: tuple[str, ...] = (ablations.HEAD_CHOICE, *ablations.PARTS),
-    ) -> list[Job]:
-        """Every job of the run in order of information, each once; dependencies (task model, lr sweep) come just
-        before the first job that needs them. The head-choice part first, then the ablation parts (cheapest first),
-        seed by seed; an ablation variant that is a head-choice arm is that arm's job."""
-        st, s = self.store, self.sizes
-        jobs: dict[str, Job] = {}
-
-        def add(name: str, path: str, kind: str, run: Callable[[], dict]) -> None:
-            jobs.setdefault(path, Job(name, path, kind, run))
-
-        def base(fam: str) -> None:
-            add(f"{fam}: base model", st.base(fam), "base", lambda: self.base_job(fam))
-
-        def task_model(fam: str) -> None:
-            add(
-                f"{fam}: task model (full fine-tune on A)",
-                st.task_model(fam),
-                "task_model",
-                lambda: self.task_model_job(fam),
-            )
-
-        def sweep(fam: str, lr_family: str) -> None:
-            arm = SWEEP_ARM[lr_family]
-            for lr in s.lr_grid[lr_family]:
-                name = f"{fam}: {lr_family} lr sweep ({arm}, seed 0, lr {lr:g})"
-                add(
-                    name,
-                    st.sweep(fam, lr_family, lr),
-                    f"train:{lr_family}",
-                    lambda f=fam, a=arm, r=lr: self.run_arm(f, a, 0, r, True),
-                )
-
-        def run(fam: str, arm: str, seed: int) -> None:
-            lr_family = ARMS[arm].lr_family
-            if arm in NEEDS_TASK_MODEL:
-                task_model(fam)
-            sweep(fam, lr_family)
-            name, path = f"{fam}: {arm} seed {seed}", st.run(fam, arm, seed)
-            if seed == 0 and SWEEP_ARM[lr_family] == arm:
-                add(name, path, "copy", lambda: self.from_sweep(fam, lr_family))
-            else:
-                add(
-                    name,
-                    path,
-                    f"train:{lr_family}",
-                    lambda: self.run_arm(fam, arm, seed, self.chosen_lr(fam, lr_family)),
-                )
-
-        def run_variant(fam: str, v: ablations.Variant, seed: int) -> None:
-            if v.reuse:
-                return run(fam, v.reuse, seed)
-            if v.heads == "alps":
-                task_model(v.heads_from or fam)
-            if v.part == "metric":
-                add(
-                    f"{fam}: metric part, task model retrained and scored by every metric",
-                    st.metric_task_model(fam),
-                    "task_model",
-                    lambda: self.metric_selections_job(fam),
-                )
-            kind = "train:full" if v.rest_trains else f"train:{v.lr_family}"
-            name, path = f"{fam}: {v.part} {v.label} seed {seed}", st.ablation_run(v.part, fam, v.name, seed)
-            if v.lr_family not in self.ablation.lr_grid:
-                sweep(fam, v.lr_family)
-                return add(name, path, kind, lambda: self.run_variant(fam, v, seed))
-            picker = ablations.sweeper(v)
-            for lr in self.ablation.lr_grid[v.lr_family]:  # the family's own sweep, at seed 0
-                point = f"{fam}: {v.lr_family} lr sweep ({picker.label}, seed 0, lr {lr:g})"
-                add(point, st.sweep(fam, v.lr_family, lr), kind, lambda r=lr: self.run_variant(fam, picker, 0, r))
-            if seed == 0 and picker == v:
-                return add(name, path, "copy", lambda: {"part": v.part, **self.from_sweep(fam, v.lr_family)})
-            add(name, path, kind, lambda: self.run_variant(fam, v, seed))
-
-        add("base: knowledge questions and perplexity", st.knowledge(), "knowledge", self.knowledge_job)
-        if ablations.HEAD_CHOICE in parts:
-            for stage in (*STAGES, ("full", "lora")):
-                for fam in families:
-                    base(fam)
-                    for seed in sorted(set(s.main_seeds) | set(s.other_seeds)):  # seed by seed: pairs complete early
-                        for arm in (a for a in stage if a in arms):
-                            if seed in (s.main_seeds if ARMS[arm].many_seeds else s.other_seeds):
-                                if seeds is None or seed in seeds:
-                                    run(fam, arm, seed)
-        # Cheapest part first, so that whole tables complete early; the references each table shows come along.
-        references = {"ratio": ("random",), "metric": ("random",), "transfer": ("alps", "random"), "table1": ()}
-        for part in ("transfer", "metric", "ratio", "table1"):
-            if part not in parts:
-                continue
-            for seed in (x for x in self.ablation.seeds if seeds is None or x in seeds):
-                for fam in families:
-                    found = ablations.variants(part, fam, families, self.ablation, s.ratio)
-                    if not found:
-                        continue
-                    base(fam)
-                    for arm in references[part]:
-                        run(fam, arm, seed)
-                    for v in found:
-                        run_variant(fam, v, seed)
-        return list(jobs.values())
-
-
-# Prior seconds per job kind at the default sizes on 2 CPU cores (the ETA uses measured times once it has them).
-PRIOR_S = {"knowledge": 60, "base": 40, "task_model": 180, "train:heads": 95, "train:lora": 100, "train:full": 130}
-
-
-def estimate(kind: str, sizes: Sizes, device: str) -> float:
-    """Prior seconds for a job of `kind`: `PRIOR_S` scaled by the training tokens, a GPU taken as 20x faster."""
-    seconds = PRIOR_S.get(kind, 0.0)
-    if kind.startswith("train:"):
-        seconds *= sizes.steps * sizes.batch / (30 * 16)
-    elif kind == "task_model":
-        seconds *= sizes.task_model_steps * sizes.batch / (60 * 16)
-    return seconds / (20 if device == "cuda" else 1)
-
-
-# Rebuilding the report costs a few seconds: during a run, at most this often (and always at the end).
-REPORT_EVERY_S = 600
-
-
-def throttled(seconds: float, fn: Callable[[], None]) -> Callable[[], None]:
-    """`fn`, run when called at least `seconds` after its last run (the first call runs it)."""
-    last = [-math.inf]
-
-    def call() -> None:
-        if time.time() - last[0] >= seconds:
-            fn()
-            last[0] = time.time()
-
-    return call
-
-
-def execute(jobs: list[Job], store: report.Store, sizes: Sizes, device: str, log, after_each) -> None:
-    """Run every job whose file is missing, in order; print progress and an ETA from measured job times."""
-    todo = [j for j in jobs if not os.path.isfile(j.path)]
-    log(f"{len(jobs)} jobs planned, {len(jobs) - len(todo)} already done, {len(todo)} to run")
-    measured = store.job_times()
-
-    def cost(kind: str) -> float:
-        times = measured.get(kind)
-        return statistics.median(times) if times else estimate(kind, sizes, device)  # median: one diverged run is slow
-
-    for i, job in enumerate(todo):
-        start = time.time()
-        log(f"[{i + 1}/{len(todo)}] {job.name} ...")
-        result = job.run()
-        wall = time.time() - start
-        result["job"] = {
-            "name": job.name,
-            "kind": job.kind,
-            "wall_s": wall,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        write_json(job.path, result)
-        measured.setdefault(job.kind, []).append(wall)
-        left = sum(cost(j.kind) for j in todo[i + 1 :])
-        detail = ""
-        if "arm" in result:
-            em, know = 100 * result["test"]["exact_match"], 100 * result["knowledge"]["accuracy"]
-            detail = f": test EM {em:.1f}%, knowledge {know:.0f}%, ppl {result['ppl']:.2f}"
-        log(
-            f"[{i + 1}/{len(todo)}] done in {wall:.0f}s{detail}; about {left / 60:.0f} min left "
-            f"(ETA {time.strftime('%H:%M', time.localtime(time.time() + left))})"
-        )
-        after_each()
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", help="where the result files and RESULTS_REAL.md go (--quick: a temp dir)")
+    parser.add_argument(
+        "--output-dir",
+        help=f"where the result files and RESULTS_REAL.md go (the committed run: {REAL_MODEL_RESULTS}; --quick: a "
+        "temporary directory)",
+    )
     parser.add_argument("--quick", action="store_true", help="one family, one seed, a few steps, tiny evaluation")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: more seeds and evaluation items)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from the files; no training")
@@ -595,13 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--output-dir is required (except with --quick)")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    store = report.Store(out)
+    store = Store(out)
     begin = time.time()
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')} +{time.time() - begin:6.0f}s] {msg}", flush=True)
 
-    command = "python benchmarks/reproduce_real.py " + shlex.join(argv)
+    command = "python -m benchmarks.real_model.reproduce " + shlex.join(argv)
     meta = {
         "sizes": asdict(sizes),
         "ablation": asdict(ablation),
@@ -614,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     store.check_config(asdict(sizes))
     store.check_config(asdict(ablation), os.path.join("ablations", "config.json"))
-    exp = Experiment(sizes, store, args.device, log, ablation)
-    jobs = exp.plan(args.families or list(sizes.families), args.arms or list(ARMS), args.seeds, tuple(args.parts))
+    exp = RealModelExperiment(sizes, store, args.device, log, ablation)
+    jobs = plan(exp, args.families or list(sizes.families), args.arms or list(ARMS), args.seeds, tuple(args.parts))
 
     def write() -> None:
         report.write_report(store, meta, command)

@@ -17,8 +17,8 @@ Sections, each independent (a failure is printed with its traceback and the next
    report whether every unselected q/k/v row stayed bit-identical.
 
 Usage:
-    python benchmarks/gpu_check.py [--steps 10] [--batch-size 4] [--seq-len 1024] [--output-dir DIR]
-    python benchmarks/gpu_check.py --device cpu --tiny     # the same code paths on tiny models, on the CPU
+    python tests/gpu/gpu_check.py [--steps 10] [--batch-size 4] [--seq-len 1024] [--output-dir DIR]
+    python tests/gpu/gpu_check.py --device cpu --tiny     # the same code paths on tiny models, on the CPU
 
 Without CUDA (and without --device cpu) it says so and exits 0. Results are printed and, with --output-dir,
 written to DIR/gpu_check.json and DIR/gpu_check.md.
@@ -36,14 +36,11 @@ import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from alps_trl.testing import TINY_DIMS  # noqa: E402
+from alps_trl.testing import TINY_DIMS
 
 LLAMA_1B = dict(
     vocab_size=128256,
@@ -219,7 +216,7 @@ def four_bit_delta(device: torch.device, dims: dict, steps: int, entry: dict[str
     assert not [n for n, p in model.named_parameters() if p.requires_grad and ".alps_delta." not in n]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, dims["vocab_size"], (2, 64), generator=gen).to(device)
-    # Train mode with autograd on: an eval/no-grad forward would repack 4-bit weights on CPU (see PLATFORM_NOTES).
+    # Train mode with autograd on: an eval/no-grad forward would repack 4-bit weights on CPU (see docs/platform.md).
     before = model(input_ids=ids).logits.detach().float()
     optimizer = torch.optim.AdamW(list(deltas.values()), lr=1e-3, weight_decay=0.1)
     losses, grad_norms = [], {}

@@ -24,13 +24,14 @@ RUNNER = (
 )
 
 
-def measure(cmd: list[str], env: dict | None = None) -> dict:
+def measure(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
     """Run `cmd` in a child of a fresh measuring process; raises RuntimeError when it fails.
 
     Returns rc, wall_s, cpu_s (user + system), peak_mb (the child's ru_maxrss in MiB) and the last 4000
-    characters of its stdout and stderr.
+    characters of its stdout and stderr. `cwd`: where `cmd` runs (default: the current directory).
     """
-    out = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cmd)], capture_output=True, text=True, env=env)
+    runner = [sys.executable, "-c", RUNNER, json.dumps(cmd)]
+    out = subprocess.run(runner, capture_output=True, text=True, env=env, cwd=cwd)
     if out.returncode != 0:
         raise RuntimeError(f"measuring process failed: {out.stderr[-2000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])

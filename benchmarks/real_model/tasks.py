@@ -1,4 +1,4 @@
-"""Tasks, batches and measurements of the real-model experiment (`reproduce_real.py`) on SmolLM2-135M-Instruct.
+"""Tasks, batches and measurements of the real-model experiment (`real_model.reproduce`) on SmolLM2-135M-Instruct.
 
 - Task families: generated (user message, answer) pairs with a fixed answer format, in disjoint splits drawn from
   one seeded stream (`make_splits`). Every prompt is rendered with the tokenizer's chat template (SmolLM2 adds its
@@ -10,7 +10,7 @@
   answer and stops if and only if the argmax at every answer position, given the right prefix, is the answer token),
   and the answer-token loss. `greedy_agreement` checks that equivalence against real `generate` on a subset.
 - Forgetting: perplexity on the standard library's pydoc_data topics (documentation text no arm trains on); the
-  knowledge questions are in `real_knowledge`.
+  knowledge questions are in `real_model.knowledge`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from synthetic_tasks import batch_indices
+
+from benchmarks.common.finetune_loop import batch_indices
 
 Pair = tuple[str, str]
 

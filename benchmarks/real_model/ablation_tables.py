@@ -1,10 +1,10 @@
 """The ablation sections of RESULTS_REAL.md: the ratio curve, the scoring metric, transfer and the paper's Table 1
-setting, one table each, marked with the paper's table it mirrors. Input: `real_report.collect_ablations`."""
+setting, one table each, marked with the paper's table it mirrors. Input: `real_model.report.collect_ablations`."""
 
 from __future__ import annotations
 
-from real_ablations import PAPER_TABLE, percent
-from real_tables import MISSING, fmt_interval, mean_std
+from benchmarks.real_model.ablations import PAPER_TABLE, percent
+from benchmarks.real_model.tables import MISSING, fmt_interval, mean_std
 
 DIFF_NOTE = (
     "Differences are paired (same seeds, same batches): mean [95% t interval over seeds] and, after the semicolon, "

@@ -1,4 +1,4 @@
-"""The configuration of `reproduce_real.py`: sizes (default, --quick, --device cuda), what the calibration runs
+"""The configuration of `real_model.reproduce`: sizes (default, --quick, --device cuda), what the calibration runs
 measured to choose them, and the arms (selections and references) with their learning-rate families."""
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ import importlib.util
 import json
 from pathlib import Path
 
-import finetune_loop as loop
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import finetune_loop as loop
+
+ROOT = Path(__file__).resolve().parents[2]
 DEMO_TRAIN = ROOT / "recipes" / "demo" / "data" / "reverse_words" / "train.jsonl"
 NAME = "SmolLM2-135M-Instruct"
 

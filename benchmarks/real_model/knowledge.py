@@ -1,4 +1,4 @@
-"""Short knowledge questions for the forgetting check of `reproduce_real.py` (the paper's MMLU/ARC-C stand-in).
+"""Short knowledge questions for the forgetting check of `real_model.reproduce` (the paper's MMLU/ARC-C stand-in).
 
 Candidates are generated here (capitals, opposites, simple facts, each asking for one word); the experiment keeps
 those the base model answers right, so the base scores 100% on the kept set by construction and every arm's score
@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from real_tasks import autocast
+from benchmarks.real_model.tasks import autocast
 
 _ONE_WORD = " Answer with one word."
 _CAPITALS = (

@@ -1,8 +1,9 @@
 """The ALPS paper's experiments in miniature, on CPU, with synthetic data.
 
 Usage:
-    python benchmarks/reproduce_paper.py            # full run: benchmarks/RESULTS.md (+ RESULTS.json), figures/
-    python benchmarks/reproduce_paper.py --quick    # pipeline smoke test (~1-2 min), into a temporary directory
+    python -m benchmarks.miniature.reproduce            # full run: RESULTS.md, RESULTS.json, figures/ in
+                                                        # benchmarks/results/miniature/
+    python -m benchmarks.miniature.reproduce --quick    # pipeline smoke test (~1-2 min), into a temporary directory
 
 Protocol (see RESULTS.md for the numbers):
 1. Pretrain a small Llama-architecture model on a "general" instruction corpus (copy, reverse, sort, count,
@@ -23,23 +24,20 @@ import copy
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from alps_trl.localization.localize import localize_heads
+from benchmarks.common import finetune_loop as loop
+from benchmarks.common import selection_controls as controls
+from benchmarks.common.run_info import MINIATURE_RESULTS, REPO
+from benchmarks.miniature import report
+from benchmarks.miniature import tasks as data
 
-import finetune_loop as loop  # noqa: E402
-import paper_report as report  # noqa: E402
-import selection_controls as controls  # noqa: E402
-import synthetic_tasks as data  # noqa: E402
-
-from alps_trl.localization.localize import localize_heads  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUTPUT = os.path.join(REPO, MINIATURE_RESULTS)
 
 
 @dataclass
@@ -246,7 +244,7 @@ class Run:
     split: str = "test"
 
 
-class Experiment:
+class MiniatureExperiment:
     def __init__(self, scale: Scale, log) -> None:
         self.scale = scale
         self.log = log
@@ -419,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output-dir",
         default=None,
-        help="where RESULTS.md and figures/ go (default: benchmarks/; --quick: a new temporary directory, so that "
-        "a smoke run never overwrites the committed results)",
+        help="where RESULTS.md and figures/ go (default: benchmarks/results/miniature/; --quick: a new temporary "
+        "directory, so that a smoke run never overwrites the committed results)",
     )
     parser.add_argument(
         "--threads",
@@ -431,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.output_dir is None:
-        args.output_dir = tempfile.mkdtemp(prefix="alps_reproduce_quick_") if args.quick else HERE
+        args.output_dir = tempfile.mkdtemp(prefix="alps_reproduce_quick_") if args.quick else DEFAULT_OUTPUT
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
@@ -444,13 +442,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - start:7.1f}s] {msg}", flush=True)
 
     log(f"scale: {asdict(scale)}")
-    exp = Experiment(scale, log)
+    exp = MiniatureExperiment(scale, log)
     exp.run()
     runtime = time.time() - start
     os.makedirs(args.output_dir, exist_ok=True)
     paths = report.figures(exp, os.path.join(args.output_dir, "figures"))
-    command = "python benchmarks/reproduce_paper.py" + (" --quick" if args.quick else "")
-    if args.output_dir != HERE:
+    command = "python -m benchmarks.miniature.reproduce" + (" --quick" if args.quick else "")
+    if args.output_dir != DEFAULT_OUTPUT:
         command += f" --output-dir {args.output_dir}"
     results = os.path.join(args.output_dir, "RESULTS.md")
     report.write_report(exp, results, command, runtime, paths)

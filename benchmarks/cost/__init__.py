@@ -1,0 +1,1 @@
+"""What ALPS costs: training step time and memory, localization time and memory, DDP overhead."""
