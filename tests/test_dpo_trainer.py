@@ -69,6 +69,7 @@ def test_parameter_free_reference_gives_the_copy_reference_losses(attention_only
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
 
 
+@pytest.mark.compat
 def test_attention_only_dpo_is_restricted(attention_only_runs):
     free, _, before, qkv = attention_only_runs
     assert_restricted(qkv, free.model, free.head_selection)
@@ -88,6 +89,7 @@ def full_delta_runs(tmp_path_factory):
     return pre, explicit, before, qkv
 
 
+@pytest.mark.compat
 def test_precomputed_reference_when_everything_else_trains(full_delta_runs):
     pre, explicit, before, qkv = full_delta_runs
     assert pre.reference_kind == "precomputed" and pre.ref_model is None and pre.args.precompute_ref_log_probs

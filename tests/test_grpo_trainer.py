@@ -72,6 +72,7 @@ def test_drop_in_swap_with_a_plain_grpo_config(tmp_path):
 @pytest.mark.parametrize(
     ("mode", "rest"), [("mask", True), ("mask", False), ("delta", True), ("delta", False)], ids=str
 )
+@pytest.mark.compat
 def test_unselected_rows_bit_identical(tmp_path, mode, rest):
     """beta > 0, weight decay, clipping, gradient accumulation: unselected q/k/v rows come out bit-identical."""
     trainer = build(
@@ -89,14 +90,18 @@ def _logits(model, ids):
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
 
 
-@pytest.mark.parametrize(("mode", "rest", "kind"), [("delta", False, "parameter-free"), ("mask", False,
-                         "parameter-free"), ("delta", True, "copy")], ids=str)  # fmt: skip
-def test_reference_equals_a_frozen_copy_before_and_after_a_step(tmp_path, mode, rest, kind):
+@pytest.mark.parametrize(("mode", "rest", "kind", "cast"), [("delta", False, "parameter-free", False), ("mask", False,
+                         "parameter-free", False), ("delta", True, "copy", False), ("delta", True, "copy", True)],
+                         ids=str)  # fmt: skip
+@pytest.mark.compat
+def test_reference_equals_a_frozen_copy_before_and_after_a_step(tmp_path, mode, rest, kind, cast):
     """The reference's KL term: the no-copy reference (and ALPS's own frozen copy) compute as the untouched base,
-    at step 0 and after training; the policy has moved."""
+    at step 0 and after training; the policy has moved. With cast_lm_head_to_fp32, TRL's patched LM head of the copy
+    must be the copy's own (the policy's head trains)."""
     model = tiny_model()
     frozen = copy.deepcopy(model).eval()
-    trainer = build(tmp_path, model=model, alps_mode=mode, alps_train_non_attention=rest, beta=0.1, max_steps=1)
+    trainer = build(tmp_path, model=model, alps_mode=mode, alps_train_non_attention=rest, beta=0.1, max_steps=1,
+                    cast_lm_head_to_fp32=cast)  # fmt: skip
     assert trainer.reference_kind == kind
     if kind == "parameter-free":
         assert not list(trainer.ref_model.parameters()), "the parameter-free reference holds no weights"

@@ -30,6 +30,7 @@ from alps_trl.localization.anatomy import AttentionLayout
 from alps_trl.localization.importance import importance_selection
 from alps_trl.trainers.config import IMPORTANCE_MAX_BATCHES, AlpsArguments, planned_importance_batches
 from alps_trl.trainers.dpo import AlpsDPOTrainer
+from alps_trl.trainers.private_api import enable_activation_checkpointing
 from alps_trl.trainers.sft import AlpsSFTTrainer
 
 ARCHS = {
@@ -124,6 +125,7 @@ def test_matches_brute_force_per_batch(arch):
     torch.testing.assert_close(got, summed, rtol=1e-12, atol=0)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_activation_checkpointing_gives_the_same_scores(reentrant):
     """With every parameter frozen, only the gates need gradients, also through reentrant checkpointing (which
@@ -131,7 +133,7 @@ def test_activation_checkpointing_gives_the_same_scores(reentrant):
     batches = _batches(2)
     expected = head_importance(tiny_model("llama"), batches, progress=False, train_mode=True)
     model = tiny_model("llama")
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_activation_checkpointing(model, {"use_reentrant": reentrant})
     got = head_importance(model, batches, progress=False, train_mode=True)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
     assert all(p.grad is None for p in model.parameters())

@@ -9,7 +9,15 @@ import re
 import pytest
 
 import alps_trl
-from alps_trl.trainers.private_api import PRIVATE_API
+from alps_trl.trainers.private_api import (
+    COMPAT_PAIRS,
+    PRIVATE_API,
+    SUPPORTED,
+    enable_activation_checkpointing,
+    is_activation_checkpointing,
+)
+
+pytestmark = pytest.mark.compat
 
 
 def _resolve(target: str):
@@ -79,10 +87,59 @@ def test_every_private_use_in_the_package_is_listed():
     assert not unlisted, f"private APIs used but not in alps_trl.trainers.private_api: {sorted(unlisted)}"
 
 
-def test_transformers_and_trl_are_capped_below_their_next_minor():
-    text = (pathlib.Path(alps_trl.__file__).parent.parent / "pyproject.toml").read_text()
-    for package in ("transformers", "trl"):
+REPO = pathlib.Path(alps_trl.__file__).parent.parent
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_pyproject_range_is_the_supported_range_and_the_installed_versions_are_in_it():
+    """pyproject.toml asks for exactly `SUPPORTED` ([floor, cap) by minor), and what is installed lies in it."""
+    import importlib.metadata
+
+    text = (REPO / "pyproject.toml").read_text()
+    for package, (floor, cap) in SUPPORTED.items():
         match = re.search(rf'"{package}>=([0-9.]+),<([0-9.]+)"', text)
         assert match, f"{package} has no upper cap in pyproject.toml"
-        floor, cap = (tuple(int(x) for x in v.split(".")) for v in match.groups())
-        assert cap[:2] == (floor[0], floor[1] + 1), f"{package}: cap {cap} is not the next minor of {floor}"
+        assert match.groups() == (floor, cap), (
+            f"{package}: pyproject.toml says {match.groups()}, SUPPORTED {floor, cap}"
+        )
+        installed = _minor(importlib.metadata.version(package))
+        assert _minor(floor) <= installed < _minor(cap), f"{package} {installed} is outside [{floor}, {cap})"
+
+
+def test_compat_pairs_are_the_two_ends_and_ci_runs_them():
+    """.ci/compat installs the oldest and the newest supported (trl, transformers) pair; the newest is what
+    .ci/constraints.txt pins for the main run; the README's table names both as tested."""
+    (old_trl, old_tf), (new_trl, new_tf) = COMPAT_PAIRS
+    assert _minor(old_trl) == _minor(SUPPORTED["trl"][0]) and _minor(old_tf) == _minor(SUPPORTED["transformers"][0])
+    for version, package in ((new_trl, "trl"), (new_tf, "transformers")):
+        major, minor = _minor(SUPPORTED[package][1])
+        assert _minor(version) == (major, minor - 1), f"{package} {version} is not the newest supported minor"
+    constraints = (REPO / ".ci/constraints.txt").read_text().split()
+    assert f"trl=={new_trl}" in constraints and f"transformers=={new_tf}" in constraints
+    assert "COMPAT_PAIRS" in (REPO / ".ci/compat").read_text()
+    assert "./.ci/compat" in (REPO / ".ci/run").read_text()
+    readme = (REPO / "README.md").read_text().split("\n## Supported versions\n", 1)[1].split("\n## ", 1)[0]
+    for trl_version, tf_version in COMPAT_PAIRS:
+        row = next((line for line in readme.splitlines() if f"| {trl_version} | {tf_version} |" in line), None)
+        assert row is not None and "tested in CI" in row, f"README has no tested row for trl {trl_version}"
+
+
+def test_checkpointing_names_work_in_the_installed_transformers(tmp_path):
+    """The ALPS configs take the activation_checkpointing names on every supported transformers (5.22 has only the
+    gradient_checkpointing ones), and the shims switch checkpointing on a model."""
+    from alps_trl.testing import tiny_model
+    from alps_trl.trainers.config import AlpsSFTConfig
+
+    off = AlpsSFTConfig(str(tmp_path), activation_checkpointing=False, report_to="none", bf16=False)
+    assert off.gradient_checkpointing is False and off.activation_checkpointing is False
+    on = AlpsSFTConfig(str(tmp_path), activation_checkpointing=True, report_to="none", bf16=False,
+                       activation_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
+    assert on.gradient_checkpointing and on.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    model = tiny_model("llama")
+    assert not is_activation_checkpointing(model)
+    enable_activation_checkpointing(model, {"use_reentrant": False})
+    assert is_activation_checkpointing(model)

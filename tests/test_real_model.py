@@ -281,3 +281,25 @@ def test_recipe_takes_gguf_file_and_a_gguf_task_model(smollm2_gguf, planted_gguf
     assert model_args.model_name_or_path == convert_gguf(smollm2_gguf)
     assert HeadSelection.load(out / "alps_heads.json").heads == PLANTED_HEADS
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.compat
+def test_sft_demo_smallest_path(smollm2_dir, tmp_path):
+    """The offline real-model SFT demo (`recipes/sft_alps.py` with no model named), cut to its shortest run: two
+    steps and four held-out prompts. It localizes, trains, reports and saves; only the selected rows moved."""
+    from recipe_helpers import REPO, run_env
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "recipes/sft_alps.py", "--max_steps", "2", "--eval_generations", "4"]
+    proc = subprocess.run(argv + ["--output_dir", str(out)], cwd=REPO, env=run_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "Base model: SmolLM2-135M-Instruct" in output and "Exact match on 4 held-out prompts" in output
+    selection = HeadSelection.load(out / "alps_heads.json")
+    assert f"Selected heads ({len(selection.heads)}/270):" in output
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    trained = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    _assert_only_selected_rows_moved(_qkv(base), _qkv(trained), selection)

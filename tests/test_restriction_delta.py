@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from alps_trl.restriction import DeltaRestriction, build_restriction
 from alps_trl.restriction.delta import HeadDelta, merge_state_dict
 from alps_trl.testing import tiny_model
+from alps_trl.trainers.private_api import enable_activation_checkpointing
 
 
 def _installed(arch="llama", **kwargs):
@@ -134,12 +135,13 @@ def test_delta_state_dict_roundtrip_and_errors():
             pass
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_activation_checkpointing_gives_the_same_delta_gradients(use_reentrant):
     """Deltas live inside checkpointed decoder layers: recomputation must reproduce their gradients."""
     plain, plain_restriction = _installed("llama", train_non_attention=False)
     model, restriction = _installed("llama", train_non_attention=False)
-    model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    enable_activation_checkpointing(model, {"use_reentrant": use_reentrant})
     for m in (plain, model):
         m.train()
         m(**batch(0)).loss.backward()

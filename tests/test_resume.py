@@ -31,6 +31,7 @@ def _trainer(arch, out, **overrides):
     )
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize(("arch", "mode"), [("llama", "mask"), ("qwen2", "delta")])
 def test_resume_reuses_selection_and_matches_uninterrupted_run(arch, mode, tmp_path, monkeypatch):
     out = tmp_path / "run"

@@ -19,6 +19,7 @@ from trainer_helpers import (
 from transformers import TrainerCallback
 
 from alps_trl.localization.selection import HeadSelection
+from alps_trl.trainers.private_api import enable_activation_checkpointing
 from alps_trl.trainers.sft import AlpsSFTTrainer
 
 # ALPS's promises (unselected rows bit-identical, selected rows train) hold under AdamW decay, gradient
@@ -73,6 +74,7 @@ def delta_run(tmp_path_factory):
     return trainer, before, qkv, out
 
 
+@pytest.mark.compat
 def test_mask_freezes_unselected_rows_and_trains_the_rest(mask_run):
     trainer, before, qkv, _ = mask_run
     assert trainer.restriction.mode == "mask"
@@ -104,6 +106,7 @@ def test_startup_summary_counts(mask_run):
     assert 0 < summary["trainable_qkv_params"] < summary["qkv_params_total"]
 
 
+@pytest.mark.compat
 def test_delta_qwen2_biases_stay_frozen_outside_selection(delta_run):
     trainer, before, qkv, _ = delta_run
     assert trainer.restriction.mode == "delta"
@@ -115,6 +118,7 @@ def test_delta_qwen2_biases_stay_frozen_outside_selection(delta_run):
     assert any(p.detach().abs().sum() > 0 for n, p in params.items() if ".alps_delta." in n)
 
 
+@pytest.mark.compat
 def test_delta_merged_checkpoint_loads_and_matches_logits(delta_run):
     from transformers import AutoModelForCausalLM
 
@@ -185,6 +189,7 @@ def test_mask_gradients_equal_full_finetuning_on_selected_rows(tmp_path):
             torch.testing.assert_close(g_alps[name], g, atol=0, rtol=0)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("mode", ["mask", "delta"])
 def test_reentrant_checkpointing_keeps_gradients(mode, tmp_path):
     """Only layer-0 heads train and everything else is frozen: reentrant checkpointing must not cut gradients."""
@@ -196,7 +201,7 @@ def test_reentrant_checkpointing_keeps_gradients(mode, tmp_path):
                            gradient_checkpointing_kwargs=kwargs)  # fmt: skip
         trainer.restriction  # noqa: B018 - install
         if kwargs is not None:  # what Trainer.train() does with these arguments
-            trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            enable_activation_checkpointing(trainer.model, kwargs)
             assert trainer.model.model.gradient_checkpointing
         batch = next(iter(trainer.get_train_dataloader()))
         grads.append(_one_step_grads(trainer, batch))

@@ -36,7 +36,7 @@ def refuse_before_init(model: Any, args: Any, peft_config: Any, alps: AlpsArgume
         resolve_mode(alps.alps_mode, model)
         if alps.alps_heads:
             HeadSelection.load(alps.alps_heads).check_compatible(unwrap_model(model))
-    # Reentrant activation checkpointing needs no refusal: transformers' `activation_checkpointing_enable` makes the
+    # Reentrant activation checkpointing needs no refusal: transformers' checkpointing enable (either name) makes the
     # embedding output require grad, so segments with frozen inputs still pass gradients to the selected rows
     # (tests/test_trainer_errors.py compares the gradients with and without it).
 

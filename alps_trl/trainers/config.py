@@ -19,6 +19,7 @@ from trl import DPOConfig, GRPOConfig, SFTConfig
 from alps_trl.localization.scoring import METRICS
 from alps_trl.localization.selection import STRATEGIES, validate_ratio
 from alps_trl.restriction import MODES
+from alps_trl.trainers.private_api import CONFIG_SHIMS
 
 # Fraction of the planned optimizer steps that the probe runs when `alps_probe_steps` is None: the paper's cheap
 # task model is an attention-only fine-tune on about 10% of the data.
@@ -161,19 +162,19 @@ class AlpsArguments:
 
 
 @dataclass
-class AlpsSFTConfig(AlpsArguments, SFTConfig):
+class AlpsSFTConfig(AlpsArguments, *CONFIG_SHIMS, SFTConfig):
     """`trl.SFTConfig` plus the `alps_*` options of `AlpsArguments` (TRL's fields first: ``AlpsSFTConfig("out")``
     sets output_dir, as ``SFTConfig("out")`` does)."""
 
 
 @dataclass
-class AlpsDPOConfig(AlpsArguments, DPOConfig):
+class AlpsDPOConfig(AlpsArguments, *CONFIG_SHIMS, DPOConfig):
     """`trl.DPOConfig` plus the `alps_*` options of `AlpsArguments` (TRL's fields first: ``AlpsDPOConfig("out")``
     sets output_dir, as ``DPOConfig("out")`` does)."""
 
 
 @dataclass
-class AlpsGRPOConfig(AlpsArguments, GRPOConfig):
+class AlpsGRPOConfig(AlpsArguments, *CONFIG_SHIMS, GRPOConfig):
     """`trl.GRPOConfig` plus the `alps_*` options of `AlpsArguments` (TRL's fields first: ``AlpsGRPOConfig("out")``
     sets output_dir, as ``GRPOConfig("out")`` does)."""
 

@@ -30,6 +30,7 @@ from alps_trl.localization.anatomy import unwrap_model
 from alps_trl.restriction import resolve_mode
 from alps_trl.trainers.config import alps_arguments_of
 from alps_trl.trainers.mixin import ALPS_PAPER, AlpsTrainerMixin
+from alps_trl.trainers.private_api import refresh_trl_forward_patches
 from alps_trl.trainers.reference import AlpsReferenceModel
 from alps_trl.trainers.vllm_sync import push_effective_weights
 
@@ -84,7 +85,7 @@ class AlpsGRPOTrainer(AlpsTrainerMixin, GRPOTrainer):
 
     def _alps_reference(self) -> torch.nn.Module:
         from trl.models.utils import prepare_deepspeed, prepare_fsdp
-        from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+        from trl.trainer.utils import disable_dropout_in_model
 
         alps, policy = alps_arguments_of(self.args), unwrap_model(self.model)
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
@@ -96,12 +97,11 @@ class AlpsGRPOTrainer(AlpsTrainerMixin, GRPOTrainer):
             return reference
         self.reference_kind = "copy"
         reference = copy.deepcopy(policy).requires_grad_(False).eval()
-        # TRL patched the policy's forward (fused LM head) as an instance attribute, a closure over the policy that
-        # deepcopy keeps as it is: the copy must get its own, or it would compute with the training policy.
-        reference.__dict__.pop("forward", None)
         if self.args.disable_dropout:
             disable_dropout_in_model(reference)
-        add_fused_lm_head(reference, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        refresh_trl_forward_patches(
+            reference, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32
+        )
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(reference, self.accelerator)
         if self.is_fsdp_enabled:

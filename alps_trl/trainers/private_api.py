@@ -1,8 +1,13 @@
-"""Every private transformers / TRL / accelerate / torch API that alps_trl overrides, calls or patches, in one list.
+"""Every private transformers / TRL / accelerate / torch API that alps_trl overrides, calls or patches, in one list,
+and the shims for what differs between the supported versions.
 
 Why each one is needed (no public extension point does the job) is in `PRIVATE_API`'s entries. pyproject.toml caps
-transformers and trl below their next minor release, and tests/test_private_api.py checks each signature below
-against the installed packages, so an upgrade that moves one of them fails there, loudly, before any trainer runs.
+transformers and trl below the next minor release that was not tested (`SUPPORTED`), and tests/test_private_api.py
+checks each signature below against the installed packages, so an upgrade that moves one of them fails there,
+loudly, before any trainer runs.
+
+Where the supported versions differ in something alps_trl touches, one function at the end of this module handles
+it; nothing else in the package looks at a version.
 
 Replaced by public extension points (no longer touched): localization and the restriction's install run from the
 constructor and `train()`; attaching after ``accelerator.prepare`` is the ``on_train_begin`` callback; decay of the
@@ -13,7 +18,17 @@ deltas in the public `Trainer.save_model`, which every process calls.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
+
+# The supported range of each package whose internals alps_trl touches: [floor, cap). pyproject.toml, the README's
+# "Supported versions" table and .ci/compat (which installs the oldest and the newest pair) follow it, which
+# tests/test_private_api.py checks. transformers 5.25 needs kernels>=0.19.1, which the build environment cannot
+# install yet, so it is untested and stays outside the cap.
+SUPPORTED: dict[str, tuple[str, str]] = {"trl": ("1.14", "1.17"), "transformers": ("5.22", "5.25")}
+# The (trl, transformers) pairs .ci/compat installs exactly: the oldest and the newest supported.
+COMPAT_PAIRS: tuple[tuple[str, str], ...] = (("1.14.2", "5.22.2"), ("1.16.0", "5.24.0"))
 
 
 @dataclass(frozen=True)
@@ -145,3 +160,78 @@ PRIVATE_API: tuple[PrivateUse, ...] = (
         "whether this CPU computes bf16 natively (the demo's autocast choice)",
     ),
 )
+
+
+# ---- differences between the supported versions --------------------------------------------------------------------
+# transformers 5.23 renamed gradient checkpointing to activation checkpointing (the old names stay as deprecated
+# aliases); 5.22 has the old names only. TRL 1.15 added `trl.trainer.utils.add_fused_lm_head`, which GRPO puts on the
+# policy's forward; TRL 1.14 has no fused head.
+
+
+def _has_training_argument(name: str) -> bool:
+    from transformers import TrainingArguments
+
+    return name in {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+@dataclass
+class _ActivationCheckpointingNames:
+    """transformers 5.22: accept the 5.23 names `activation_checkpointing(_kwargs)` in the ALPS configs (and so in
+    recipes' YAML and CLI flags), as aliases of `gradient_checkpointing(_kwargs)`, as 5.23+ accept the old ones."""
+
+    activation_checkpointing: bool | None = None
+    activation_checkpointing_kwargs: dict[str, Any] | str | None = None
+
+    def __post_init__(self):
+        if self.activation_checkpointing is not None:
+            self.gradient_checkpointing = self.activation_checkpointing
+        if self.activation_checkpointing_kwargs is not None:
+            self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
+        super().__post_init__()
+        self.activation_checkpointing = self.gradient_checkpointing
+        self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+
+
+# Bases the ALPS configs add before TRL's config: none where transformers has the new names.
+CONFIG_SHIMS: tuple[type, ...] = (
+    () if _has_training_argument("activation_checkpointing") else (_ActivationCheckpointingNames,)
+)
+
+
+def enable_activation_checkpointing(model: Any, kwargs: dict[str, Any] | None = None) -> None:
+    """`model.activation_checkpointing_enable(kwargs)` (transformers >= 5.23), else `gradient_checkpointing_enable`."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(kwargs)
+
+
+def is_activation_checkpointing(model: Any) -> bool:
+    """Whether activation checkpointing is on for `model` (either transformers name; False for a non-HF module)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if name in dir(type(model)):
+            return bool(getattr(model, name))
+    return False
+
+
+def refresh_trl_forward_patches(copy: Any, *, temperature: float, cast_lm_head_to_fp32: bool) -> None:
+    """Give a deep copy of a GRPO policy its own TRL forward patches.
+
+    TRL's GRPO trainer replaces `lm_head.forward` (`cast_lm_head_to_fp32`) and, from TRL 1.15, the model's `forward`
+    (fused LM head) by closures over the policy's modules, as instance attributes; `copy.deepcopy` keeps those
+    closures, so the copy would compute with the training policy. They are dropped and made again for `copy`.
+    """
+    import torch
+
+    copy.__dict__.pop("forward", None)
+    head = copy.get_output_embeddings()
+    if head is not None and head.__dict__.pop("forward", None) is not None:
+
+        def fp32_forward(hidden_states: torch.Tensor) -> torch.Tensor:  # as TRL's cast_lm_head_to_fp32 does
+            bias = None if head.bias is None else head.bias.to(torch.float32)
+            return torch.nn.functional.linear(hidden_states.to(torch.float32), head.weight.to(torch.float32), bias)
+
+        head.forward = fp32_forward
+    try:
+        from trl.trainer.utils import add_fused_lm_head
+    except ImportError:  # TRL 1.14: no fused head; GRPO computes log-probs from the logits
+        return
+    add_fused_lm_head(copy, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32)

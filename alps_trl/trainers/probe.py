@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from alps_trl.localization.anatomy import AttentionLayout, unwrap_model
+from alps_trl.trainers.private_api import enable_activation_checkpointing, is_activation_checkpointing
 
 logger = logging.get_logger(__name__)
 
@@ -120,11 +121,10 @@ def traceless_pass(trainer: Any, reference: Callable[[], contextlib.AbstractCont
     try:
         with preserved_rng():
             trainer.model.train()
-            if args.gradient_checkpointing and not getattr(inner, "is_activation_checkpointing", True):
-                # What Trainer.train() turns on right after: the pass needs the same activation memory budget.
-                inner.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs=args.gradient_checkpointing_kwargs
-                )
+            if args.gradient_checkpointing and hasattr(inner, "gradient_checkpointing_enable"):
+                if not is_activation_checkpointing(inner):
+                    # What Trainer.train() turns on right after: the pass needs the same activation memory budget.
+                    enable_activation_checkpointing(inner, args.gradient_checkpointing_kwargs)
             trainer._alps_probe_reference = reference
             yield
     finally:
