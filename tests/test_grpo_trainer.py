@@ -62,7 +62,7 @@ def test_drop_in_swap_with_a_plain_grpo_config(tmp_path):
     from trl import GRPOConfig
 
     trainer = build(tmp_path, reward_funcs=(length_reward, digit_reward), plain=True)
-    assert isinstance(trainer.args, GRPOConfig) and trainer._alps_source == "probe"
+    assert isinstance(trainer.args, GRPOConfig) and trainer.head_source == "probe"
     before = qkv_snapshot(trainer.model)
     trainer.train()
     assert_restricted(before, trainer.model, trainer.head_selection)
@@ -147,7 +147,7 @@ def test_no_source_of_heads_is_refused_before_any_work(tmp_path):
         build(tmp_path, dataset=grpo_dataset(answers=False))
     # A heads source that needs no answers works on the same data.
     trainer = build(tmp_path, dataset=grpo_dataset(answers=False), alps_strategy="random")
-    assert trainer._alps_source == "random"
+    assert trainer.head_source == "random"
 
 
 def test_reward_function_returning_the_wrong_length_is_refused(tmp_path):

@@ -211,7 +211,7 @@ def _train_by_importance(trainer_cls, args, dataset):
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tiny_tokenizer())
     trainer.train()
     selection = trainer.head_selection
-    assert trainer._alps_source == "importance"
+    assert trainer.head_source == "importance"
     assert (selection.metric, selection.strategy) == ("importance", "top_k")
     assert selection.scores.max() > 0
     saved = json.loads((Path(args.output_dir) / "alps_heads.json").read_text())

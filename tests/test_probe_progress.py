@@ -15,7 +15,7 @@ def test_probe_progress_bar_follows_disable_tqdm(tmp_path, capfd, disable_tqdm):
         train_dataset=sft_dataset(),
         processing_class=tiny_tokenizer(),
     )
-    assert trainer._alps_source == "probe"
+    assert trainer.head_source == "probe"
     err = capfd.readouterr().err
     if disable_tqdm:
         assert "ALPS probe" not in err

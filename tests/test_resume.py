@@ -38,7 +38,7 @@ def test_resume_reuses_selection_and_matches_uninterrupted_run(arch, mode, tmp_p
     first = _trainer(arch, out, alps_mode=mode)
     first.train()
     checkpoint = out / "checkpoint-2"
-    assert first._alps_source == "probe"
+    assert first.head_source == "probe"
     assert HeadSelection.load(checkpoint / "alps_heads.json") == first.head_selection
     if mode == "delta":
         assert os.path.isfile(checkpoint / "alps_delta.safetensors")
@@ -53,7 +53,7 @@ def test_resume_reuses_selection_and_matches_uninterrupted_run(arch, mode, tmp_p
     assert resumed.head_selection == first.head_selection
     resumed.train(resume_from_checkpoint=str(checkpoint))
 
-    assert resumed._alps_source == "checkpoint"
+    assert resumed.head_source == "checkpoint"
     assert resumed.head_selection == first.head_selection
     assert resumed.state.global_step == 4
     if mode == "mask":
@@ -147,7 +147,7 @@ def test_train_resume_swaps_in_the_checkpoint_selection(mode, tmp_path):
     assert constructed != first.head_selection
     trainable_before = sum(p.numel() for p in resumed.model.parameters() if p.requires_grad)
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
-    assert resumed._alps_source == "checkpoint"
+    assert resumed.head_source == "checkpoint"
     assert resumed.head_selection == first.head_selection
     assert HeadSelection.load(tmp_path / "resumed" / "alps_heads.json") == first.head_selection
     assert not [n for n, _ in resumed.model.named_modules() if n.count("alps_delta") > 1]

@@ -78,7 +78,7 @@ def delta_run(tmp_path_factory):
 def test_mask_freezes_unselected_rows_and_trains_the_rest(mask_run):
     trainer, before, qkv, _ = mask_run
     assert trainer.restriction.mode == "mask"
-    assert trainer._alps_source == "probe"
+    assert trainer.head_source == "probe"
     assert_restricted(qkv, trainer.model, trainer.head_selection)
     assert non_attention_changed(before, trainer.model)
 
@@ -218,7 +218,7 @@ def test_probe_leaves_no_trace(tmp_path):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     rng = torch.get_rng_state()
     trainer.head_selection  # noqa: B018 - runs the probe
-    assert trainer._alps_source == "probe"
+    assert trainer.head_source == "probe"
     assert torch.equal(torch.get_rng_state(), rng)
     assert trainer.optimizer is None and trainer.lr_scheduler is None
     assert not any(trainer._metrics["train"].values()) and trainer._total_train_tokens == 0
@@ -241,7 +241,7 @@ def test_task_model_localizes_the_heads_it_moved(tmp_path):
     task.save_pretrained(str(tmp_path / "task"))
     trainer = _trainer(base, tmp_path / "out", alps_task_model=str(tmp_path / "task"))
     assert trainer.head_selection.heads == [(1, 3), (1, 6)]
-    assert trainer._alps_source == "alps_task_model"
+    assert trainer.head_source == "alps_task_model"
 
 
 def test_precedence_argument_over_file_over_task_model(tmp_path):

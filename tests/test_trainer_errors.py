@@ -73,7 +73,7 @@ def test_random_strategy_needs_no_probe(tmp_path, monkeypatch):
 
     monkeypatch.setattr(probe, "run_probe", pytest.fail)
     trainer = _build(tmp_path, alps_probe_steps=0, alps_strategy="random", alps_seed=3)
-    assert trainer._alps_source == "random"
+    assert trainer.head_source == "random"
     assert len(trainer.head_selection.heads) == 2 and trainer.head_selection.strategy == "random"
 
 
@@ -160,7 +160,7 @@ def test_resume_true_without_checkpoint_fails_before_training(tmp_path):
 def test_resume_true_in_the_arguments_without_checkpoint_localizes_afresh(tmp_path):
     """Scripts pass --resume_from_checkpoint True on every launch; the first launch has nothing to resume yet."""
     trainer = _build(tmp_path, resume_from_checkpoint=True, alps_strategy="random")
-    assert trainer._alps_source == "random" and trainer.head_selection is not None
+    assert trainer.head_source == "random" and trainer.head_selection is not None
 
 
 def test_scoring_runs_on_the_training_device(tmp_path, monkeypatch):

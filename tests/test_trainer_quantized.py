@@ -178,7 +178,7 @@ def test_importance_localizes_on_a_quantized_base(tmp_path):
         processing_class=tiny_tokenizer(),
     )
     selection = trainer.head_selection
-    assert trainer._alps_source == "importance" and selection.metric == "importance"
+    assert trainer.head_source == "importance" and selection.metric == "importance"
     assert selection.scores.max() > 0 and trainer.restriction.mode == "delta"
     trainer.train()
     deltas = {n: p for n, p in trainer.model.named_parameters() if ".alps_delta." in n}

@@ -35,9 +35,7 @@ TRAINER_METRICS = (*METRICS, "importance")
 class AlpsArguments:
     """ALPS options: how heads are localized and how the update is restricted to them.
 
-    Localization precedence: a `head_selection=` trainer argument, then `alps_heads`, then
-    `alps_task_model`, then (``alps_metric="importance"``) the heads' importance on training batches,
-    else a short attention-only probe fine-tune on the training data.
+    Where the heads come from is the first applying entry of `alps_trl.trainers.head_sources.HEAD_SOURCES`.
     """
 
     alps_ratio: float = field(

@@ -18,7 +18,8 @@ The reference model (no ``ref_model`` given) is chosen to be exact and as cheap 
   initial model, as in plain DPO.
 - A ``ref_model`` given by the user, or ``precompute_ref_log_probs=True``, is respected as is.
 
-The choice is logged once at startup (main process) and kept in ``trainer.reference_kind``.
+`choose_reference` makes that choice from the arguments alone (a pure function); it is logged once at startup
+(main process) and kept in ``trainer.reference_kind``.
 """
 
 from __future__ import annotations
@@ -56,29 +57,15 @@ class AlpsDPOTrainer(AlpsTrainerMixin, DPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = DPOConfig(f"{name.split('/')[-1]}-DPO")
-        alps = alps_arguments_of(args)
-        train_dataset = kwargs.get("train_dataset", rest[1] if len(rest) > 1 else None)
-        eval_dataset = kwargs.get("eval_dataset", rest[2] if len(rest) > 2 else None)
+        bound = self._alps_bind((model, ref_model, args, *rest), kwargs)
+        kind = choose_reference(args, model, ref_model, bound.get("train_dataset"), bound.get("eval_dataset"))
         reference = None
-        if ref_model is not None:
-            kind = "user"
-        elif args.precompute_ref_log_probs:
-            kind = "precomputed"
-        elif getattr(args, "sync_ref_model", False):
-            raise ValueError(
-                "sync_ref_model=True moves the reference toward the policy, but ALPS keeps no reference copy to move. "
-                "Pass an explicit ref_model, or set sync_ref_model=False."
-            )
-        elif not alps.alps_train_non_attention and not _sharded_backend(args) and not isinstance(model, str):
-            kind = "parameter-free"
+        if kind == "parameter-free":
             reference = ref_model = AlpsReferenceModel(model)
-        elif _can_precompute(args, train_dataset, eval_dataset):
-            kind = "precomputed"
+        elif kind == "precomputed":
             args.precompute_ref_log_probs = True
-        else:
-            kind = "copy"
-            if not isinstance(model, str):
-                ref_model = copy.deepcopy(model)
+        elif kind == "copy" and not isinstance(model, str):
+            ref_model = copy.deepcopy(model)
         self.reference_kind = kind
         self._alps_reference_module = reference
         super().__init__(model, ref_model, args, *rest, **kwargs)
@@ -162,6 +149,29 @@ REFERENCE_KINDS = {
     "copy": "a frozen copy of the initial model: an IterableDataset cannot be precomputed; use a map-style "
     "datasets.Dataset, or alps_train_non_attention=False, to avoid it",
 }
+
+
+def choose_reference(args: Any, model: Any, ref_model: Any, train_dataset: Any, eval_dataset: Any = None) -> str:
+    """Which DPO reference a run gets (a key of `REFERENCE_KINDS`), from its arguments alone.
+
+    `model` is a module or a name (TRL loads it); raises ValueError for ``sync_ref_model=True``, which would move a
+    reference that ALPS does not keep.
+    """
+    if ref_model is not None:
+        return "user"
+    if args.precompute_ref_log_probs:
+        return "precomputed"
+    if getattr(args, "sync_ref_model", False):
+        raise ValueError(
+            "sync_ref_model=True moves the reference toward the policy, but ALPS keeps no reference copy to move. "
+            "Pass an explicit ref_model, or set sync_ref_model=False."
+        )
+    if not alps_arguments_of(args).alps_train_non_attention and not _sharded_backend(args):
+        if not isinstance(model, str):
+            return "parameter-free"
+    if _can_precompute(args, train_dataset, eval_dataset):
+        return "precomputed"
+    return "copy"
 
 
 def _can_precompute(args: Any, train_dataset: Any, eval_dataset: Any = None) -> bool:

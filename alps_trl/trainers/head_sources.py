@@ -1,8 +1,11 @@
 """Where a trainer's head selection comes from, and how every process ends up holding the same one.
 
-Helpers of `AlpsTrainerMixin` (layer 5): the selection saved in a checkpoint, a score-free random
-selection, the base weights a task model is scored against, the probe's length, the heads' importance
-on the training data, and the broadcast-and-verify step across processes.
+Layer 5. `HEAD_SOURCES` is the one ordered table of sources: the first entry that applies to a run is its source,
+its `check` runs in the trainer's preflight (before any work) and its `select` in localization. Both phases walk
+this table and nothing else; `trainer.head_source` names the source used ("checkpoint" when a resume restored
+the saved selection instead). The helpers below it are what the sources need: the selection saved in a checkpoint,
+a score-free random selection, the base weights a task model is scored against, the probe's length, the heads'
+importance on the training data, and the broadcast-and-verify step across processes.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import itertools
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +35,120 @@ from alps_trl.trainers import probe
 from alps_trl.trainers.config import AlpsArguments
 
 logger = logging.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class HeadSource:
+    """One place a trainer's heads can come from.
+
+    `applies(alps, given)`: whether this source is the run's (`given`: a ``head_selection=`` argument was passed).
+    `check(trainer)`: the preflight on the built trainer; raises ValueError before any work.
+    `select(trainer)`: the selection, or None on a process that waits for the main process's broadcast.
+    The `check` and `select` of the data-driven sources call trainer methods, so that a trainer class can refine
+    them (GRPO requires reference answers for the probe and importance).
+    """
+
+    name: str
+    needs: str
+    how: str
+    applies: Callable[[AlpsArguments, bool], bool]
+    check: Callable[[Any], None]
+    select: Callable[[Any], HeadSelection | None]
+
+
+def _no_check(trainer: Any) -> None:
+    """Nothing to check before the work starts."""
+
+
+def _check_argument(trainer: Any) -> None:
+    trainer._alps_explicit.check_compatible(trainer._alps_layout)
+
+
+def _check_heads_file(trainer: Any) -> None:
+    trainer._alps_heads_file = HeadSelection.load(trainer._alps.alps_heads)
+    trainer._alps_heads_file.check_compatible(trainer._alps_layout)
+
+
+def _check_task_model(trainer: Any) -> None:
+    # The main process alone opens the task model (other nodes may not have it cached); every rank raises.
+    on_main_process(trainer.accelerator, trainer._alps_check_task_model)
+
+
+def _strategy(name: str) -> Callable[[AlpsArguments, bool], bool]:
+    return lambda alps, given: alps.alps_strategy == name
+
+
+HEAD_SOURCES: tuple[HeadSource, ...] = (
+    HeadSource(
+        "argument",
+        "`head_selection=` passed to the trainer",
+        "used as given",
+        applies=lambda alps, given: given,
+        check=_check_argument,
+        select=lambda trainer: trainer._alps_explicit,
+    ),
+    HeadSource(
+        "alps_heads",
+        "a saved selection file (`alps_heads.json`)",
+        "read from the file",
+        applies=lambda alps, given: bool(alps.alps_heads),
+        check=_check_heads_file,
+        select=lambda trainer: trainer._alps_heads_file,
+    ),
+    HeadSource(
+        "alps_task_model",
+        "a fine-tune of the same base (`alps_task_model`)",
+        "top `alps_ratio` by `alps_metric` between the base's and the task model's q/k/v weights",
+        applies=lambda alps, given: bool(alps.alps_task_model),
+        check=_check_task_model,
+        select=lambda trainer: trainer._alps_task_model_selection(),
+    ),
+    HeadSource(
+        "random",
+        "`alps_strategy: random`",
+        "`alps_ratio` of the heads at random (seeded by `alps_seed`), no scores",
+        applies=_strategy("random"),
+        check=_no_check,
+        select=lambda trainer: random_selection(trainer._alps, trainer._alps_layout),
+    ),
+    HeadSource(
+        "layer_consistent",
+        "`alps_strategy: layer_consistent`",
+        "the same number of random heads in every layer (seeded by `alps_seed`), no scores",
+        applies=_strategy("layer_consistent"),
+        check=_no_check,
+        select=lambda trainer: random_selection(trainer._alps, trainer._alps_layout),
+    ),
+    HeadSource(
+        "importance",
+        "`alps_metric: importance` and training data; no FSDP/DeepSpeed",
+        "top `alps_ratio` by the loss gradient of each head's output gate, over `alps_importance_batches` batches",
+        applies=lambda alps, given: alps.alps_metric == "importance",
+        check=lambda trainer: trainer._alps_check_importance_possible(),
+        select=lambda trainer: trainer._alps_importance_selection(),
+    ),
+    HeadSource(
+        "probe",
+        "training data, `alps_probe_steps` != 0, a full-precision model; no FSDP/DeepSpeed",
+        "an attention-only fine-tune of `alps_probe_steps` steps is the task model; top `alps_ratio` by `alps_metric`",
+        applies=lambda alps, given: True,
+        check=lambda trainer: trainer._alps_check_probe_possible(unwrap_model(trainer.model)),
+        select=lambda trainer: trainer._alps_probe_selection(),
+    ),
+)
+
+
+def head_source_for(alps: AlpsArguments, given: bool) -> HeadSource:
+    """The run's source: the first entry of `HEAD_SOURCES` that applies."""
+    return next(source for source in HEAD_SOURCES if source.applies(alps, given))
+
+
+def head_sources_table() -> str:
+    """`HEAD_SOURCES` as a Markdown table (the README's copy is generated from it)."""
+    rows = ["| order | source (`trainer.head_source`) | applies when | how it selects |", "| --- | --- | --- | --- |"]
+    for i, source in enumerate(HEAD_SOURCES, 1):
+        rows.append(f"| {i} | `{source.name}` | {source.needs} | {source.how} |")
+    return "\n".join(rows)
 
 
 def selection_from_checkpoint(

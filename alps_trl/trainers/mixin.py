@@ -1,26 +1,31 @@
 """`AlpsTrainerMixin`: turns a TRL trainer into an ALPS trainer.
 
-Layer 5. Put it first in the bases (``class AlpsSFTTrainer(AlpsTrainerMixin, SFTTrainer)``). It
+Layer 5. Put it first in the bases (``class AlpsSFTTrainer(AlpsTrainerMixin, SFTTrainer)``).
 
-1. checks the ALPS options against the model before TRL builds anything it does not have to;
-2. lets TRL build the trainer (a quantized base is accepted: ALPS adds trainable deltas to it);
-3. localizes heads once, at the end of the constructor (every rank constructs the trainer, so every rank
-   takes part in the same collectives there; reading `head_selection` afterwards is a plain attribute):
-   ``head_selection=`` argument > ``alps_heads`` > ``alps_task_model`` > importance on training
-   batches (``alps_metric="importance"``) > probe fine-tune; when ``args.resume_from_checkpoint`` names a
-   checkpoint, the selection saved there is reused and nothing is recomputed, and ``train(resume_from_checkpoint=)``
-   swaps in a checkpoint's selection as long as nothing has trained yet. The main process computes
-   (importance and the probe: every process works on its share of the batches), broadcasts, and every rank
-   verifies the fingerprint;
-4. installs the `Restriction` on the unwrapped model right away (``requires_grad`` counts are the real ones
-   after construction), attaches it after ``accelerator.prepare``
-   (``on_train_begin``), zeroes frozen gradient rows after backward and before clipping
-   (`training_step`), keeps restricted q/k/v out of the optimizer's decay group
-   (`get_decay_parameter_names`) and applies their decay to selected rows only right before each
-   optimizer step (``on_pre_optimizer_step``, which runs after clipping);
-5. saves standard checkpoints (delta mode: deltas merged into a copy of the state dict) plus
-   ``alps_heads.json``/``.png``; for a quantized base the small delta file and an ``alps-merge`` hint
-   (`alps_trl.trainers.checkpoints`); resuming and ``load_best_model_at_end`` restore deltas over the original base.
+Construction order (``AlpsSFTTrainer(...)``, the same for DPO and GRPO):
+
+1. the trainer class's own ``__init__`` (DPO: chooses the reference, `dpo.choose_reference`; GRPO: keeps TRL from
+   loading a reference model), which calls
+2. ``AlpsTrainerMixin.__init__``: binds the arguments by TRL's signature, checks the ALPS options against the model
+   before TRL builds anything it does not have to, and sets every piece of state ALPS adds (`_alps_init_state`);
+3. TRL's constructor (a quantized base is accepted: ALPS adds trainable deltas to it);
+4. ``_alps_after_trl_init``, the trainer class's hook (DPO/GRPO put their reference in place);
+5. the preflight: the checks that need the built model, then the `check` of the run's head source (the first entry
+   of `head_sources.HEAD_SOURCES` that applies), all before any work;
+6. localization, once, at the end of the constructor: a checkpoint named by ``args.resume_from_checkpoint`` gives
+   its saved selection, else the source's `select` runs (every rank constructs the trainer, so every rank takes
+   part in the same collectives: the main process computes, importance and the probe split batches across
+   processes, the result is broadcast and every rank verifies its fingerprint). ``train(resume_from_checkpoint=)``
+   swaps in a checkpoint's selection as long as nothing has trained yet. `head_selection` and `head_source` are
+   plain attributes afterwards.
+
+The `Restriction` is installed on the unwrapped model right away (``requires_grad`` counts are the real ones after
+construction), attached after ``accelerator.prepare`` (``on_train_begin``); frozen gradient rows are zeroed after
+backward and before clipping (`training_step`), restricted q/k/v stay out of the optimizer's decay group
+(`get_decay_parameter_names`) and their decay is applied to selected rows only right before each optimizer step
+(``on_pre_optimizer_step``, after clipping). Saves are standard checkpoints (delta mode: deltas merged into a copy of
+the state dict) plus ``alps_heads.json``/``.png``; for a quantized base the small delta file and an ``alps-merge``
+hint (`alps_trl.trainers.checkpoints`); resuming and ``load_best_model_at_end`` restore deltas over the original base.
 """
 
 from __future__ import annotations
@@ -81,13 +86,11 @@ ALPS_PAPER = {
 class AlpsTrainerMixin:
     """ALPS behaviour for a TRL trainer; see the module docstring. Adds ``head_selection=`` to the constructor."""
 
-    _alps_probe_reference = None
-    _alps_gathered_deltas: dict[str, torch.Tensor] | None = None
-
     def __init__(self, *args: Any, head_selection: HeadSelection | None = None, **kwargs: Any) -> None:
         bound = self._alps_bind(args, kwargs)
         targs = bound.get("args")
         alps = alps_arguments_of(targs) if targs is not None else AlpsArguments()
+        self._alps_init_state(alps, head_selection)
         model = bound.get("model")
         if isinstance(model, torch.nn.Module) and strip_gguf_quantizer(model):
             # Loaded with gguf_file=: its weights are dequantized nn.Linear weights, a full-precision model.
@@ -107,21 +110,38 @@ class AlpsTrainerMixin:
         with accept_quantized_base():
             super().__init__(*args, **kwargs)
         self._alps_after_trl_init()
-        self._alps = alps_arguments_of(self.args)
-        self._alps_explicit = head_selection
-        self._alps_selection: HeadSelection | None = None
-        self._alps_restriction = None
-        self._alps_source: str | None = None
-        self._alps_summary: dict[str, Any] | None = None
+        self._alps = alps_arguments_of(self.args)  # TRL may have built the args (args=None)
+        self._alps_head_source = sources.head_source_for(self._alps, head_selection is not None)
         self._alps_preflight()
         self.add_callback(AlpsCallback(self))
         self.localize()
+
+    def _alps_init_state(self, alps: AlpsArguments, head_selection: HeadSelection | None) -> None:
+        """Every attribute ALPS adds to the trainer, set once, before TRL's constructor runs."""
+        self._alps = alps  # the alps_* options (re-read from the final args after TRL's constructor)
+        self._alps_explicit = head_selection  # the head_selection= argument
+        self._alps_head_source: sources.HeadSource | None = None  # the run's entry of HEAD_SOURCES
+        self._alps_heads_file: HeadSelection | None = None  # alps_heads, read by the preflight
+        self._alps_mode: str | None = None  # "mask" | "delta", resolved by the preflight
+        self._alps_layout: AttentionLayout | None = None  # the model's heads, read by the preflight
+        self._alps_selection: HeadSelection | None = None  # the heads that train
+        self._alps_source: str | None = None  # the name of the source used, or "checkpoint"
+        self._alps_restriction = None  # the installed Restriction
+        self._alps_summary: dict[str, Any] | None = None  # the startup summary's counts
+        self._alps_probe_reference = None  # inside the probe/importance pass: the DPO reference context
+        self._alps_gathered_deltas: dict[str, torch.Tensor] | None = None  # deltas gathered for the save in flight
 
     # ---- public -------------------------------------------------------------------------------
     @property
     def head_selection(self) -> HeadSelection:
         """The heads that train (set by the constructor; reading it starts no computation or collective)."""
         return self._alps_selection
+
+    @property
+    def head_source(self) -> str | None:
+        """Where `head_selection` came from: an entry of `head_sources.HEAD_SOURCES` by name ("argument",
+        "alps_heads", "alps_task_model", "random", "layer_consistent", "importance", "probe") or "checkpoint"."""
+        return self._alps_source
 
     @property
     def restriction(self):
@@ -285,18 +305,7 @@ class AlpsTrainerMixin:
         refuse_fsdp1(self)
         optimizer_cls = (getattr(self, "optimizer_cls_and_kwargs", None) or (None,))[0]
         refuse_mask_optimizer(self.args, self._alps_mode, optimizer_cls)
-        if self._alps_explicit is not None:
-            self._alps_explicit.check_compatible(layout)
-        elif alps.alps_heads:
-            self._alps_heads_file = HeadSelection.load(alps.alps_heads)
-            self._alps_heads_file.check_compatible(layout)
-        elif alps.alps_task_model:
-            # The main process alone opens the task model (other nodes may not have it cached); all ranks raise.
-            sources.on_main_process(self.accelerator, self._alps_check_task_model)
-        elif alps.alps_strategy == "top_k" and alps.alps_metric == "importance":
-            self._alps_check_importance_possible()
-        elif alps.alps_strategy == "top_k":
-            self._alps_check_probe_possible(model)
+        self._alps_head_source.check(self)
 
     def _alps_check_task_model(self) -> None:
         from alps_trl.localization.scoring import check_same_shape
@@ -433,25 +442,18 @@ class AlpsTrainerMixin:
         return dtype
 
     def _alps_selection_from_checkpoint(self, checkpoint: str) -> HeadSelection | None:
-        given = self._alps_explicit or getattr(self, "_alps_heads_file", None)
+        given = self._alps_explicit or self._alps_heads_file
         return sources.selection_from_checkpoint(checkpoint, self._alps_layout, given, self._alps)
 
     def _alps_localize(self) -> HeadSelection | None:
-        """The selection by precedence; None on ranks that wait for the main process's broadcast."""
-        alps, layout = self._alps, self._alps_layout
-        if self._alps_explicit is not None:
-            self._alps_source = "argument"
-            return self._alps_explicit
-        if alps.alps_heads:
-            self._alps_source = "alps_heads"
-            return self._alps_heads_file
-        if alps.alps_strategy != "top_k" and not alps.alps_task_model:
-            self._alps_source = alps.alps_strategy
-            return sources.random_selection(alps, layout)
-        from alps_trl.localization.localize import localize_heads
-        from alps_trl.localization.weights import open_weight_source
+        """The selection of the run's head source; None on ranks that wait for the main process's broadcast."""
+        self._alps_source = self._alps_head_source.name
+        return self._alps_head_source.select(self)
 
-        options = dict(
+    def _alps_localize_options(self) -> dict[str, Any]:
+        """`localize_heads` keyword arguments from the alps_* options."""
+        alps = self._alps
+        return dict(
             ratio=alps.alps_ratio,
             metric=alps.alps_metric,
             strategy=alps.alps_strategy,
@@ -459,23 +461,34 @@ class AlpsTrainerMixin:
             seed=alps.alps_seed,
             device=self.args.device,  # the accelerator this process trains on (CPU with use_cpu)
         )
-        if alps.alps_task_model:
-            self._alps_source = "alps_task_model"
-            if not self.accelerator.is_main_process:
-                return None
-            task = open_weight_source(alps.alps_task_model, trust_remote_code=alps.alps_trust_remote_code)
-            return localize_heads(sources.base_weight_source(self.model, alps.alps_trust_remote_code), task, **options)
-        if alps.alps_metric == "importance":
-            return self._alps_importance_selection()
-        self._alps_source = "probe"
-        steps = planned_probe_steps(alps, sources.planned_training_steps(self.args, self.train_dataset))
+
+    def _alps_task_model_selection(self) -> HeadSelection | None:
+        """Top heads between the base and ``alps_task_model``, scored on the main process."""
+        from alps_trl.localization.localize import localize_heads
+        from alps_trl.localization.weights import open_weight_source
+
+        alps = self._alps
+        if not self.accelerator.is_main_process:
+            return None
+        task = open_weight_source(alps.alps_task_model, trust_remote_code=alps.alps_trust_remote_code)
+        base = sources.base_weight_source(self.model, alps.alps_trust_remote_code)
+        return localize_heads(base, task, **self._alps_localize_options())
+
+    def _alps_probe_selection(self) -> HeadSelection | None:
+        """Top heads between the model before and after an attention-only probe fine-tune on the training data."""
+        from alps_trl.localization.localize import localize_heads
+        from alps_trl.localization.weights import open_weight_source
+
+        steps = planned_probe_steps(self._alps, sources.planned_training_steps(self.args, self.train_dataset))
         # Every rank runs the probe (compute_loss gathers metrics across ranks); only the main process scores.
         before, after = probe_module.run_probe(self, steps)
         if not self.accelerator.is_main_process:
             return None
         config = unwrap_model(self.model).config
         selection = localize_heads(
-            open_weight_source(before, config=config), open_weight_source(after, config=config), **options
+            open_weight_source(before, config=config),
+            open_weight_source(after, config=config),
+            **self._alps_localize_options(),
         )
         selection.provenance.update({"task": f"probe ({steps} attention-only steps on the training data)"})
         return selection
@@ -485,7 +498,6 @@ class AlpsTrainerMixin:
         from alps_trl.localization.importance import importance_selection
 
         alps, world = self._alps, self.accelerator.num_processes
-        self._alps_source = "importance"
         planned = sources.planned_training_steps(self.args, self.train_dataset)
         per_process = planned_importance_batches(alps, planned, self.args.gradient_accumulation_steps)
         scores = sources.training_data_importance(self, per_process)
