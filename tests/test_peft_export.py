@@ -15,7 +15,7 @@ from restriction_helpers import batch, selection_for, train
 from safetensors import safe_open
 
 from alps_trl.restriction import build_restriction
-from alps_trl.restriction.peft_export import ADAPTER_CONFIG, ADAPTER_HEADS, ADAPTER_WEIGHTS, save_adapter
+from alps_trl.restriction.peft_export import ADAPTER_CONFIG, ADAPTER_HEADS, ADAPTER_WEIGHTS, AdapterInfo, save_adapter
 from alps_trl.testing import tiny_model
 
 peft = pytest.importorskip("peft")
@@ -108,6 +108,10 @@ def test_uniform_rank_is_the_same_update(tmp_path):
     config = json.loads((tmp_path / "uniform" / ADAPTER_CONFIG).read_text())
     assert config["r"] == config["lora_alpha"] == per_module.max_rank == 16 and not config["rank_pattern"]
     assert uniform.vllm_max_lora_rank == 16 and uniform.bytes_on_disk > per_module.bytes_on_disk
+    too_wide = AdapterInfo("dir", {"model.layers.0.self_attn.q_proj": 640}, True, 0)  # 5 heads of 128 rows
+    assert (
+        too_wide.vllm_max_lora_rank is None and "exceeds vLLM's largest --max-lora-rank (512)" in too_wide.vllm_hint()
+    )
     one = _logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), per_module.directory))
     torch.testing.assert_close(
         _logits(peft.PeftModel.from_pretrained(base, uniform.directory)), one, rtol=0, atol=1e-6

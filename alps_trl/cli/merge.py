@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"Wrote a PEFT LoRA adapter of {info['tensors']} delta tensors ({info['heads']} heads) over {args.base} "
             f"-> {adapter.directory} ({len(adapter.ranks)} modules, largest rank {adapter.max_rank}, "
-            f"{adapter.bytes_on_disk:,} bytes; vLLM: --max-lora-rank {adapter.vllm_max_lora_rank})"
+            f"{adapter.bytes_on_disk:,} bytes; {adapter.vllm_hint()})"
         )
         return 0
     print(

@@ -67,12 +67,15 @@ class AdapterInfo:
         return max(self.ranks.values())
 
     @property
-    def vllm_max_lora_rank(self) -> int:
-        """The smallest value of vLLM's ``--max-lora-rank`` that serves this adapter."""
-        fitting = [r for r in VLLM_MAX_LORA_RANKS if r >= self.max_rank]
-        if not fitting:
-            raise ValueError(f"LoRA rank {self.max_rank} exceeds vLLM's largest --max-lora-rank (512).")
-        return fitting[0]
+    def vllm_max_lora_rank(self) -> int | None:
+        """The smallest value of vLLM's ``--max-lora-rank`` that serves this adapter; None above vLLM's 512."""
+        return next((r for r in VLLM_MAX_LORA_RANKS if r >= self.max_rank), None)
+
+    def vllm_hint(self) -> str:
+        """How to serve it with vLLM, in words: the flags, or why vLLM cannot."""
+        if self.vllm_max_lora_rank is None:
+            return f"largest rank {self.max_rank} exceeds vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})"
+        return f"vLLM: --enable-lora --max-lora-rank {self.vllm_max_lora_rank}"
 
 
 def lora_tensors(

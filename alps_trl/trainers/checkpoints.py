@@ -97,7 +97,7 @@ def write_adapter(
     )
     logger.warning(
         f"ALPS: saved the trained heads as a PEFT LoRA adapter in {directory} (largest rank {info.max_rank}; "
-        f"vLLM: --enable-lora --max-lora-rank {info.vllm_max_lora_rank})."
+        f"{info.vllm_hint()})."
     )
     return info
 
