@@ -222,3 +222,16 @@ def test_reproduce_paper_quick_without_output_dir_leaves_benchmarks_untouched(mo
     rp.main(["--quick"])
     assert written and not Path(written[0]).resolve().is_relative_to(BENCH.resolve())
     assert _bench_files() == before
+
+
+@pytest.mark.slow
+def test_bench_peft_layers_trains_both_from_the_same_start(smollm2_gguf):
+    """The design check of the adapter export: ALPS's delta modules and PEFT LoRA layers with a frozen 0/1 B start
+    from the same logits and both train (pipeline only; the step times are the benchmark's output, not a test)."""
+    import re
+
+    out = _run([str(BENCH / "bench_peft_layers.py"), "--blocks", "1", "--threads", "1"], timeout=300)
+    gap = float(re.search(r"max \|logit difference\| of the two at the start: (\S+)", out).group(1))
+    assert gap < 1e-5, out
+    assert "ALPS delta modules: median step" in out and "PEFT LoRA layers, frozen 0/1 B: median step" in out
+    assert re.search(r"PEFT LoRA / ALPS delta step time: [0-9.]+x", out), out

@@ -26,6 +26,7 @@ Layer 5. Put it first in the bases (``class AlpsSFTTrainer(AlpsTrainerMixin, SFT
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import os
 from typing import Any
@@ -291,6 +292,8 @@ class AlpsTrainerMixin:
         self._alps_mode = resolve_mode(alps.alps_mode, model)
         if alps.alps_save_adapter and alps.alps_train_non_attention and not is_quantized(model):
             raise ValueError(NON_ATTENTION_MESSAGE)
+        if alps.alps_save_adapter and importlib.util.find_spec("peft") is None:
+            raise ValueError("alps_save_adapter=True writes a PEFT adapter, which needs PEFT: pip install peft.")
         layout = AttentionLayout.from_model(model)
         self._alps_layout = layout
         refuse_deepspeed_mask(self.args, self._alps_mode)
