@@ -170,6 +170,21 @@ def test_alps_merge_to_peft_bad_input_is_one_line(tmp_path):
     assert proc.returncode == 2 and "add --to-peft" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_alps_merge_to_peft_refuses_a_run_that_trained_the_rest(tmp_path):
+    """A delta-mode run with alps_train_non_attention=True moved the MLP too: its delta file is not all it changed."""
+    model = tiny_model("llama", seed=0)
+    model.save_pretrained(tmp_path / "base")
+    restriction = build_restriction(model, selection_for(model), "delta", train_non_attention=True)
+    restriction.install(model)
+    train(model, restriction, steps=1)
+    restriction.save_delta(model, tmp_path / "alps_delta.safetensors")
+    proc = _alps_merge(str(tmp_path / "base"), str(tmp_path / "alps_delta.safetensors"), str(tmp_path / "out"),
+                       "--to-peft")  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "also trained the rest of the network" in proc.stderr and "the MLP" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def _sft(tmp_path, **overrides):
     from trainer_helpers import sft_config, sft_dataset, tiny_tokenizer
 
@@ -193,7 +208,7 @@ def test_trainer_saves_the_adapter_that_transformers_loads(tmp_path, mode):
     model.load_adapter gives the trained model's logits; the recipes' summary names the directory."""
     from transformers import AutoModelForCausalLM
 
-    from alps_trl.recipes.arguments import output_lines
+    from alps_trl.recipes.report import output_lines
 
     trainer = _sft(tmp_path, alps_train_non_attention=False, alps_mode=mode, save_steps=2, max_steps=2)
     trainer.train()

@@ -135,6 +135,11 @@ class Restriction:
         the install-time rows. A collective under FSDP2 (call it on every rank)."""
         return self.delta_state_dict(model)
 
+    @property
+    def rest_trains(self) -> bool:
+        """Whether parameters outside the restricted tensors train (then the deltas are not all training changes)."""
+        return self.train_non_attention
+
     # ---- helpers ------------------------------------------------------------------------------
     def _require_installed(self, what: str) -> None:
         if not self._installed:

@@ -224,7 +224,13 @@ def delta_file_to_adapter(
         raise FileNotFoundError(f"{base_dir!r} has no config.json: pass the base model's Hugging Face directory.")
     with open(config_path) as f:
         config = json.load(f)
-    tensors, selection, _ = load_delta_file(delta_path)
+    tensors, selection, metadata = load_delta_file(delta_path)
+    if metadata.get("rest_trained") == "true":
+        raise ValueError(
+            f"{os.fspath(delta_path)!r} comes from a run that also trained the rest of the network "
+            "(alps_train_non_attention=True: the MLP, norms and embeddings moved too), which a q/k/v adapter cannot "
+            "hold. Use the merged checkpoint that run saved, or train with alps_train_non_attention=False."
+        )
     selection.check_compatible(config)
     layout = AttentionLayout.from_config(config)
     o_bias = bool(config.get("attention_bias", False)) or bool(config.get("o_proj_bias", False))

@@ -75,6 +75,7 @@ def write_delta_file(
         selection=restriction.selection,
         base_model=base_model or getattr(getattr(model, "config", None), "_name_or_path", ""),
         restrict_o_proj=restriction.restrict_o_proj,
+        rest_trained=restriction.rest_trains,
     )
 
 
