@@ -225,13 +225,20 @@ def test_reproduce_paper_quick_without_output_dir_leaves_benchmarks_untouched(mo
 
 
 @pytest.mark.slow
-def test_bench_peft_layers_trains_both_from_the_same_start(smollm2_gguf):
+def test_peft_layers_trains_both_from_the_same_start(smollm2_gguf):
     """The design check of the adapter export: ALPS's delta modules and PEFT LoRA layers with a frozen 0/1 B start
-    from the same logits and both train (pipeline only; the step times are the benchmark's output, not a test)."""
+    from the same logits, train to the same logits, and both report step time and memory (pipeline only; the
+    ratios are the benchmark's output, not a test)."""
     import re
 
-    out = _run([str(BENCH / "bench_peft_layers.py"), "--blocks", "1", "--threads", "1"], timeout=300)
-    gap = float(re.search(r"max \|logit difference\| of the two at the start: (\S+)", out).group(1))
-    assert gap < 1e-5, out
-    assert "ALPS delta modules: median step" in out and "PEFT LoRA layers, frozen 0/1 B: median step" in out
-    assert re.search(r"PEFT LoRA / ALPS delta step time: [0-9.]+x", out), out
+    out = _run(
+        ["-m", "benchmarks.cost.peft_layers", "--blocks", "1", "--threads", "1", "--rss-steps", "1"], timeout=400
+    )
+    for when in ("at the start", "after training"):
+        gap = float(re.search(rf"max \|logit difference\| of the two {when}: (\S+)", out).group(1))
+        assert gap < 1e-5, out
+    for key in ("ALPS delta modules", "PEFT LoRA layers, frozen 0/1 B"):
+        assert re.search(rf"{re.escape(key)}: median step [0-9.]+ s CPU, [0-9,]+ trainable, training state", out)
+        assert re.search(rf"{re.escape(key)}: peak RSS [0-9]+ MB", out), out
+    for what in ("step time", "training state", "peak RSS"):
+        assert re.search(rf"PEFT LoRA / ALPS delta {what}: [0-9.]+x", out), out

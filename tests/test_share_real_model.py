@@ -13,13 +13,14 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from alps_trl.restriction.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from alps_trl.restriction.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, VLLM_MAX_LORA_RANKS
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("all_cores")]
 
@@ -171,14 +172,27 @@ def test_grpo_pushes_only_the_changed_heads(smollm2_dir, tmp_path):
         f"vs the full push's {first.tensors} tensors, {first.bytes / 1e6:.1f} MB ({second.bytes / first.bytes:.3f})"
     )
     assert second.bytes * 8 < first.bytes
+    measured = (
+        f"{second.tensors} tensors, {second.bytes / 1e6:.1f} MB per step instead of all {first.tensors} tensors, "
+        f"{first.bytes / 1e6:.1f} MB ({second.bytes / first.bytes:.3f} of the full push"
+    )
+    assert measured in _readme_text(), measured
     for name, tensor in after.items():
         assert torch.equal(recorder.held[name], tensor), name
     assert any(not torch.equal(recorder.pushed[n], before[n]) for n in changed), "the push carries trained rows"
 
 
+def _readme_text() -> str:
+    """README.md with its line breaks as spaces (its sentences wrap)."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        return " ".join(f.read().split())
+
+
 def test_readme_adapter_command(smollm2_dir, tmp_path):
     """README "Share and serve": the demo with --alps_save_adapter true (shortened: 2 steps, no evaluation) writes
-    output_dir/adapter over the converted SmolLM2 checkpoint, prints the vLLM rank, and its summary names it."""
+    output_dir/adapter over the converted SmolLM2 checkpoint, prints the vLLM rank, and its summary names it; the
+    sizes on disk and the rank the README gives are those of this run's adapter, its uniform-rank conversion, its
+    delta file and its merged checkpoint."""
     from test_demo import run_recipe
 
     out = tmp_path / "out"
@@ -187,6 +201,37 @@ def test_readme_adapter_command(smollm2_dir, tmp_path):
         argv + ["--max_steps", "2", "--eval_before_and_after", "false", "--eval_generations", "0"], tmp_path
     )
     assert f"PEFT adapter: {out / 'adapter'}" in output
-    assert "vLLM: --enable-lora --max-lora-rank" in output
     config = json.loads((out / "adapter" / ADAPTER_CONFIG).read_text())
     assert config["base_model_name_or_path"] == smollm2_dir and config["peft_type"] == "LORA"
+    rank, vllm_rank = map(
+        int, re.search(r"largest rank (\d+); vLLM: --enable-lora --max-lora-rank (\d+)", output).groups()
+    )
+    heads = json.loads((out / "alps_heads.json").read_text())["heads"]
+    per_layer = [sum(1 for layer, _ in heads if layer == i) for i in range(30)]
+    most = max(per_layer)
+    layers = [i for i, n in enumerate(per_layer) if n == most]
+    assert len(heads) == 27 and config["r"] == rank == most * 64
+    assert vllm_rank == min(r for r in VLLM_MAX_LORA_RANKS if r >= rank)
+    delta = str(out / "alps_delta.safetensors")
+    _alps_merge(smollm2_dir, delta, str(tmp_path / "uniform"), "--to-peft", "--uniform-rank")
+    _alps_merge(smollm2_dir, delta, str(tmp_path / "merged"))
+
+    def mb(*paths) -> float:
+        return sum(os.path.getsize(p) for p in paths) / 1e6
+
+    adapter = mb(out / "adapter" / ADAPTER_WEIGHTS, out / "adapter" / ADAPTER_CONFIG)
+    uniform = mb(tmp_path / "uniform" / ADAPTER_WEIGHTS, tmp_path / "uniform" / ADAPTER_CONFIG)
+    where = " and ".join(map(str, layers))
+    measured = (
+        f"(`largest rank {rank}; vLLM: --enable-lora --max-lora-rank {vllm_rank}`)",
+        f"in the demo layer{'s' if len(layers) > 1 else ''} {where} {'have' if len(layers) > 1 else 'has'} {most} of "
+        f"{'their' if len(layers) > 1 else 'its'} 9 heads selected, so q_proj has r = {most} x 64 = {rank}",
+        f"--max-lora-rank {vllm_rank}`, BASE being",
+        f"the adapter is {adapter:.1f} MB ({uniform:.1f} MB with the uniform rank {rank}), the merged checkpoint "
+        f"{_dir_bytes(tmp_path / 'merged') / 1e6:.0f} MB",
+        f"(the delta file alone is {mb(delta):.1f} MB)",
+    )
+    print("\n" + "\n".join(measured))
+    readme = _readme_text()
+    for text in measured:
+        assert text in readme, text
