@@ -7,6 +7,7 @@ trained with the `tokenizers` library on text given by the caller.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -107,25 +108,73 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     return fast
 
 
-class RecordingVLLMClient:
-    """Stands in for TRL's `VLLMClient` (server mode): keeps the last tensors `update_named_params` received."""
+@dataclass
+class Push:
+    """One weight push to vLLM: how many tensors and bytes it sent, and their names in order."""
+
+    tensors: int = 0
+    bytes: int = 0
+    names: list[str] = field(default_factory=list)
+
+
+class _Recorder:
+    """What a vLLM engine would hold: ``held`` (name -> tensor, updated by every push, pre-fill it to stand for the
+    weights vLLM started with), ``pushes`` (one `Push` per sync, closed by TRL's ``reset_prefix_cache``)."""
 
     def __init__(self) -> None:
-        self.pushed: dict[str, torch.Tensor] = {}
+        self.held: dict[str, torch.Tensor] = {}
+        self.pushes: list[Push] = []
+        self._open = Push()
+
+    def _receive(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().clone()
+        self.held[name] = tensor
+        self._open.tensors += 1
+        self._open.bytes += tensor.numel() * tensor.element_size()
+        self._open.names.append(name)
+
+    @property
+    def pushed(self) -> dict[str, torch.Tensor]:
+        """The tensors of the last push."""
+        return {name: self.held[name] for name in self.pushes[-1].names} if self.pushes else {}
+
+    def reset_prefix_cache(self) -> None:
+        self.pushes.append(self._open)
+        self._open = Push()
+
+
+class RecordingVLLMClient(_Recorder):
+    """Stands in for TRL's `VLLMClient` (server mode): records what `update_named_params` receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.metadata: list | None = None
 
     def update_named_params(self, metadata: list, named_params) -> None:
         self.metadata = metadata
-        self.pushed = {name: tensor.detach().clone() for name, tensor in named_params}
+        for name, tensor in named_params:
+            self._receive(name, tensor)
 
-    def reset_prefix_cache(self) -> None:
-        pass
+
+class RecordingVLLM(_Recorder):
+    """Stands in for ``vllm.LLM`` (colocate mode): the model runner's ``load_weights`` receives (name, tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        runner = type("Runner", (), {"model": type("Model", (), {"load_weights": self._load})()})()
+        worker = type("Worker", (), {"model_runner": runner})()
+        executor = type("Executor", (), {"driver_worker": worker})()
+        self.llm_engine = type("Engine", (), {"model_executor": executor})()
+
+    def _load(self, weights) -> None:
+        for name, tensor in weights:
+            self._receive(name, tensor)
 
 
 def recording_vllm_generation(trainer: Any, client: Any, mode: str = "server") -> Any:
     """TRL's own `VLLMGeneration` (its `sync_weights` and parameter iteration) for `trainer`'s policy, with the
-    vLLM side replaced by `client` (server mode: a `RecordingVLLMClient`; colocate: an object with the `LLM` API
-    that sync_weights uses), and ALPS's effective-weights push installed as the trainer installs it."""
+    vLLM side replaced by `client` (server mode: a `RecordingVLLMClient`; colocate: a `RecordingVLLM`), and ALPS's
+    effective-weights push installed as the trainer installs it."""
     from trl.distributed import DistributedBackend
     from trl.generation.vllm_generation import VLLMGeneration
 

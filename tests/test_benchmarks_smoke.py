@@ -222,3 +222,23 @@ def test_reproduce_paper_quick_without_output_dir_leaves_benchmarks_untouched(mo
     rp.main(["--quick"])
     assert written and not Path(written[0]).resolve().is_relative_to(BENCH.resolve())
     assert _bench_files() == before
+
+
+@pytest.mark.slow
+def test_peft_layers_trains_both_from_the_same_start(smollm2_gguf):
+    """The design check of the adapter export: ALPS's delta modules and PEFT LoRA layers with a frozen 0/1 B start
+    from the same logits, train to the same logits, and both report step time and memory (pipeline only; the
+    ratios are the benchmark's output, not a test)."""
+    import re
+
+    out = _run(
+        ["-m", "benchmarks.cost.peft_layers", "--blocks", "1", "--threads", "1", "--rss-steps", "1"], timeout=400
+    )
+    for when in ("at the start", "after training"):
+        gap = float(re.search(rf"max \|logit difference\| of the two {when}: (\S+)", out).group(1))
+        assert gap < 1e-5, out
+    for key in ("ALPS delta modules", "PEFT LoRA layers, frozen 0/1 B"):
+        assert re.search(rf"{re.escape(key)}: median step [0-9.]+ s CPU, [0-9,]+ trainable, training state", out)
+        assert re.search(rf"{re.escape(key)}: peak RSS [0-9]+ MB", out), out
+    for what in ("step time", "training state", "peak RSS"):
+        assert re.search(rf"PEFT LoRA / ALPS delta {what}: [0-9.]+x", out), out

@@ -159,32 +159,14 @@ def test_reward_function_returning_the_wrong_length_is_refused(tmp_path):
     assert all(torch.equal(before[n], after[n]) for n in before), "a step ran before the refusal"
 
 
-class _RecordingLLM:
-    """Stands in for vllm.LLM (colocate mode): load_weights receives (name, tensor) pairs."""
-
-    def __init__(self):
-        self.pushed: dict[str, torch.Tensor] = {}
-        runner = type("Runner", (), {"model": type("Model", (), {"load_weights": self.load})()})()
-        worker = type("Worker", (), {"model_runner": runner})()
-        executor = type("Executor", (), {"driver_worker": worker})()
-        self.llm_engine = type("Engine", (), {"model_executor": executor})()
-
-    def load(self, weights):
-        for name, tensor in weights:
-            self.pushed[name] = tensor.detach().clone()
-
-    def reset_prefix_cache(self):
-        pass
-
-
 @pytest.mark.parametrize("vllm_mode", ["server", "colocate"])
 @pytest.mark.parametrize("mode", ["delta", "mask"])
 def test_vllm_receives_the_effective_weights(tmp_path, mode, vllm_mode):
     trainer = build(tmp_path, alps_mode=mode, alps_train_non_attention=False, max_steps=1)
     trainer.train()
-    from alps_trl.testing import RecordingVLLMClient, recording_vllm_generation
+    from alps_trl.testing import RecordingVLLM, RecordingVLLMClient, recording_vllm_generation
 
-    recorder = RecordingVLLMClient() if vllm_mode == "server" else _RecordingLLM()
+    recorder = RecordingVLLMClient() if vllm_mode == "server" else RecordingVLLM()
     recording_vllm_generation(trainer, recorder, vllm_mode).sync_weights()
     merged = copy.deepcopy(trainer.model)
     if mode == "delta":
@@ -195,3 +177,48 @@ def test_vllm_receives_the_effective_weights(tmp_path, mode, vllm_mode):
         assert torch.equal(recorder.pushed[name], tensor.detach()), name
     if vllm_mode == "server":
         assert [m[0] for m in recorder.metadata] == list(recorder.pushed)
+
+
+def _effective_weights(trainer) -> dict[str, torch.Tensor]:
+    """The weights the policy computes with, by parameter name (delta mode: base + delta, as saving merges them)."""
+    from alps_trl.restriction.delta import merge_state_dict
+
+    params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    return merge_state_dict(params, trainer.restriction.delta_state_dict(trainer.model))
+
+
+def push_steps(trainer, vllm_mode: str):
+    """TRL's step-0 push onto an engine holding stale weights, one training step, the next push.
+
+    Returns (recorder, effective weights before the step, after the step)."""
+    from alps_trl.testing import RecordingVLLM, RecordingVLLMClient, recording_vllm_generation
+
+    recorder = RecordingVLLMClient() if vllm_mode == "server" else RecordingVLLM()
+    before = _effective_weights(trainer)
+    recorder.held = {name: torch.full_like(t, 7.0) for name, t in before.items()}  # an earlier run's weights
+    generation = recording_vllm_generation(trainer, recorder, vllm_mode)
+    generation.sync_weights()
+    trainer.train()
+    generation.sync_weights()
+    return recorder, before, _effective_weights(trainer)
+
+
+@pytest.mark.parametrize("vllm_mode", ["server", "colocate"])
+@pytest.mark.parametrize(("mode", "rest"), [("delta", False), ("mask", False), ("delta", True)], ids=str)
+def test_push_after_the_first_sends_only_what_changed(tmp_path, mode, rest, vllm_mode):
+    """Head-only: the first push is complete (vLLM may hold anything), later ones only the q/k/v tensors with a
+    selected row; after each, what vLLM holds equals the policy's effective weights. With the rest training,
+    every push is complete."""
+    trainer = build(tmp_path, alps_mode=mode, alps_train_non_attention=rest, max_steps=1)
+    recorder, before, after = push_steps(trainer, vllm_mode)
+    first, second = recorder.pushes
+    assert set(first.names) == set(before) and first.bytes == sum(t.numel() * t.element_size() for t in after.values())
+    changed = {t.name for t in trainer.restriction.targets if t.num_selected}
+    assert set(second.names) == (set(after) if rest else changed)
+    assert set(recorder.held) == set(after)
+    for name, tensor in after.items():
+        assert torch.equal(recorder.held[name], tensor), name
+    moved = [n for n in changed if not torch.equal(recorder.pushed[n], before[n])]
+    assert moved, "the push after a step carries the trained rows"
+    if vllm_mode == "server":
+        assert [m[0] for m in recorder.metadata] == second.names

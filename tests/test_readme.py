@@ -49,6 +49,9 @@ EXERCISED = {
     "accelerate launch recipes/sft_alps.py --config recipes/demo/toy_sft.yaml": (
         "tests/test_demo.py::test_toy_sft_recipe"
     ),
+    "python recipes/sft_alps.py --alps_save_adapter true --output_dir outputs/sft_alps_adapter": (
+        "tests/test_share_real_model.py::test_readme_adapter_command"
+    ),
 }
 
 # Commands that need GPUs, a cluster or tools not installed here: command -> checker (see CHECKERS below).
@@ -80,6 +83,10 @@ CHECKED = {
     ),
     "alps-merge meta-llama/Llama-3.1-8B outputs/llama-3.1-8b-general-alps-4bit/alps_delta.safetensors "
     "outputs/llama-3.1-8b-general-alps-4bit-merged": "alps_merge",
+    "alps-merge meta-llama/Llama-3.1-8B outputs/llama-3.1-8b-general-alps-4bit/alps_delta.safetensors "
+    "outputs/llama-3.1-8b-general-alps-4bit-adapter --to-peft --uniform-rank": "alps_merge",
+    "vllm serve meta-llama/Llama-3.1-8B --enable-lora "
+    "--lora-modules alps=outputs/llama-3.1-8b-general-alps-4bit-adapter --max-lora-rank 512": "vllm",
     "alps-localize meta-llama/Llama-3.2-1B meta-llama/Llama-3.2-1B-Instruct --ratio 0.1 "
     "--output heads.json --heatmap heads.png": "alps_localize",
     "alps-localize meta-llama/Llama-3.1-8B deepseek-ai/DeepSeek-R1-Distill-Llama-8B --ratio 0.1 "
@@ -330,6 +337,27 @@ def check_alps_localize(argv: list[str]) -> None:
     assert ns.base in _models() and ns.task in _models()
 
 
+def check_vllm(argv: list[str]) -> None:
+    """`vllm serve BASE --enable-lora --lora-modules NAME=DIR --max-lora-rank R`: a recipe's base, an adapter that
+    a README `alps-merge --to-peft` command writes, and a rank vLLM accepts."""
+    import argparse
+
+    from alps_trl.restriction.peft_export import VLLM_MAX_LORA_RANKS
+
+    parser = argparse.ArgumentParser(prog="vllm")  # the subset of `vllm serve`'s flags the README uses
+    parser.add_argument("command", choices=["serve"])
+    parser.add_argument("model")
+    parser.add_argument("--enable-lora", action="store_true", required=True)
+    parser.add_argument("--lora-modules", nargs="+", required=True)
+    parser.add_argument("--max-lora-rank", type=int, choices=VLLM_MAX_LORA_RANKS, required=True)
+    ns = parser.parse_args(argv[1:])
+    assert ns.model in _models()
+    adapters = {c.split()[3] for c in CHECKED if c.startswith("alps-merge ") and "--to-peft" in c}
+    for module in ns.lora_modules:
+        name, _, path = module.partition("=")
+        assert name and path in adapters, f"{module}: no README command writes the adapter {path}"
+
+
 LM_EVAL_TASKS = {"mmlu", "arc_challenge", "hellaswag", "gsm8k", "truthfulqa_mc2", "winogrande"}
 
 
@@ -376,6 +404,7 @@ def test_gpu_and_cluster_commands_have_valid_files_and_flags(command, tmp_path):
         checker = {
             "alps_merge": check_alps_merge,
             "alps_localize": check_alps_localize,
+            "vllm": check_vllm,
             "lm_eval": check_lm_eval,
             "evalplus": check_evalplus,
         }[kind]

@@ -258,6 +258,21 @@ def test_use_peft_is_refused():
         recipe_utils.check_no_peft(model_args)
 
 
+def test_adapter_export_of_a_run_that_trains_the_rest_is_refused_before_loading():
+    argv = ["--model_name_or_path", "some/model", "--alps_save_adapter", "true"]
+    _, training_args, model_args = parse_script_args(
+        "recipes/sft_alps.py", argv + ["--alps_train_non_attention", "true"]
+    )
+    with pytest.raises(ValueError, match="the MLP, norms and embeddings move too"):
+        recipe_utils.check_adapter_export(training_args, model_args)
+    _, training_args, model_args = parse_script_args("recipes/sft_alps.py", argv + ["--load_in_4bit", "true"])
+    recipe_utils.check_adapter_export(training_args, model_args)  # a 4-bit base trains only the deltas
+    _, training_args, model_args = parse_script_args(
+        "recipes/sft_alps.py", argv + ["--alps_train_non_attention", "false"]
+    )
+    recipe_utils.check_adapter_export(training_args, model_args)
+
+
 # ---- model loading helpers ------------------------------------------------------------------------------------------
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "is_demo_run",
     "parse_recipe_args",
     "check_no_peft",
+    "check_adapter_export",
     "DEMO_DATA",
     "DEMO_INSTALL",
     "DEMO_MODEL_DISTRIBUTION",
@@ -250,6 +251,16 @@ def parse_recipe_args(parser, kind: str, argv: Sequence[str], demo_dir: str | No
             f"bf16 was asked for, but {gpu} has no bf16 support (GPUs before Ampere). Pass --bf16 false --fp16 true "
             "(loss-scaled fp16; or set them in the recipe YAML), or run on an Ampere or newer GPU."
         ) from None
+
+
+def check_adapter_export(training_args, model_args) -> None:
+    """`alps_save_adapter` needs head-only training (or a quantized base, where only the deltas train): refuse the
+    run before any data or model is loaded, with the trainer's reason."""
+    quantized = getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False)
+    if training_args.alps_save_adapter and training_args.alps_train_non_attention and not quantized:
+        from alps_trl.restriction.peft_export import NON_ATTENTION_MESSAGE
+
+        raise ValueError(NON_ATTENTION_MESSAGE)
 
 
 def check_no_peft(model_args) -> None:

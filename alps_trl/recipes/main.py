@@ -51,6 +51,7 @@ def main(kind: str, script_args: Any, training_args: Any, model_args: Any) -> An
     recipe = RECIPE_KINDS[kind]
     start = time.perf_counter()
     arguments.check_no_peft(model_args)
+    arguments.check_adapter_export(training_args, model_args)
     model_name = model_args.model_name_or_path
     want_eval = not script_args.localize_only and (
         training_args.eval_strategy != "no" or script_args.eval_before_and_after or script_args.eval_generations > 0

@@ -55,7 +55,12 @@ def output_lines(output_dir: str) -> list[str]:
     for name, what in (("alps_heads.json", "Head selection"), ("alps_heads.png", "Heatmap")):
         path = os.path.join(out, name)
         lines.append(f"{what}: {path}" + ("" if os.path.exists(path) else " (not written)"))
-    from alps_trl.trainers.mixin import DELTA_FILE, MERGE_HINT_FILE
+    from alps_trl.restriction.peft_export import ADAPTER_CONFIG
+    from alps_trl.trainers.mixin import ADAPTER_DIR, DELTA_FILE, MERGE_HINT_FILE
+
+    adapter = os.path.join(out, ADAPTER_DIR)
+    if os.path.isfile(os.path.join(adapter, ADAPTER_CONFIG)):  # alps_save_adapter: true
+        lines.append(f"PEFT adapter: {adapter}")
 
     if os.path.exists(os.path.join(out, MERGE_HINT_FILE)):  # only a quantized base leaves unmerged deltas
         lines.append(

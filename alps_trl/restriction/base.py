@@ -129,6 +129,17 @@ class Restriction:
         """The trained deltas as a flat tensor dict (delta mode); empty for mask mode."""
         return {}
 
+    def trained_deltas(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """What training changed in the restricted tensors, in the delta-file format (``T.alps_delta`` float32 rows
+        or columns, ``T.alps_rows`` / ``T.alps_cols`` int64): delta mode's deltas, mask mode's trained rows minus
+        the install-time rows. A collective under FSDP2 (call it on every rank)."""
+        return self.delta_state_dict(model)
+
+    @property
+    def rest_trains(self) -> bool:
+        """Whether parameters outside the restricted tensors train (then the deltas are not all training changes)."""
+        return self.train_non_attention
+
     # ---- helpers ------------------------------------------------------------------------------
     def _require_installed(self, what: str) -> None:
         if not self._installed:

@@ -153,6 +153,10 @@ class DeltaRestriction(Restriction):
         self._quantized = False
         self._merged = False
 
+    @property
+    def rest_trains(self) -> bool:
+        return self.train_non_attention and not self._quantized  # a quantized base freezes everything but the deltas
+
     # ---- lifecycle ----------------------------------------------------------------------------
     def install(self, model: torch.nn.Module) -> None:
         """Freeze the base q/k/v (all base weights for quantized bases or train_non_attention=False) and add
@@ -347,6 +351,7 @@ class DeltaRestriction(Restriction):
             selection=self.selection,
             base_model=base_model or getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", ""),
             restrict_o_proj=self.restrict_o_proj,
+            rest_trained=self.rest_trains,
         )
 
     # ---- internals ----------------------------------------------------------------------------

@@ -79,8 +79,10 @@ def save_delta_file(
     selection: HeadSelection,
     base_model: str = "",
     restrict_o_proj: bool = False,
+    rest_trained: bool = False,
 ) -> None:
-    """Save a delta dict as safetensors; metadata: format, version, selection JSON, base model name."""
+    """Save a delta dict as safetensors; metadata: format, version, selection JSON, base model name, and whether the
+    run also trained the rest of the network (`rest_trained`: then the deltas are not all it changed)."""
     from safetensors.torch import save_file
 
     metadata = {
@@ -90,6 +92,7 @@ def save_delta_file(
         "selection": json.dumps(selection.to_dict()),
         "base_model": str(base_model or ""),
         "restrict_o_proj": json.dumps(bool(restrict_o_proj)),
+        "rest_trained": json.dumps(bool(rest_trained)),
     }
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

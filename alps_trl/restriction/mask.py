@@ -24,6 +24,7 @@ from transformers.utils import logging
 
 from alps_trl.localization.anatomy import unwrap_model
 from alps_trl.restriction.base import Restriction, is_quantized
+from alps_trl.restriction.delta_checkpoint import DELTA_SUFFIX, INDEX_SUFFIXES
 from alps_trl.restriction.rows import LocalPlan, RestrictedTensor, is_dtensor, local_tensor, plan_for
 
 logger = logging.get_logger(__name__)
@@ -168,6 +169,25 @@ class MaskRestriction(Restriction):
             with torch.no_grad():
                 for local, plan, trained in saved:
                     local.index_copy_(plan.dim, plan.selected, trained)
+
+    # ---- export -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def trained_deltas(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Trained rows minus install-time rows of every restricted tensor that trains (CPU, float32)."""
+        self._require_installed("trained_deltas")
+        params = self._named_parameters(model)
+        out: dict[str, torch.Tensor] = {}
+        for t in self.targets:
+            param = params[t.name]
+            if t.num_selected == 0 or not param.requires_grad:
+                continue
+            full = param.full_tensor() if is_dtensor(param) else param
+            index = t.selected.to(full.device)
+            trained = full.detach().index_select(t.dim, index).to(torch.float32)
+            original = self._snapshots[t.name].to(full.device, torch.float32)
+            out[t.name + DELTA_SUFFIX] = (trained - original).cpu().contiguous()
+            out[t.name + INDEX_SUFFIXES[t.dim]] = t.selected.to("cpu", torch.int64).clone()
+        return out
 
     # ---- internals ----------------------------------------------------------------------------
     def _active(self, model: torch.nn.Module) -> Iterator[tuple[RestrictedTensor, torch.Tensor, LocalPlan]]:

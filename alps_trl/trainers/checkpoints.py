@@ -20,11 +20,13 @@ from transformers.utils import logging
 from alps_trl.localization.anatomy import unwrap_model
 from alps_trl.restriction import is_quantized
 from alps_trl.restriction.delta import load_delta_file, save_delta_file
+from alps_trl.restriction.peft_export import AdapterInfo, save_adapter
 
 logger = logging.get_logger(__name__)
 
 DELTA_FILE = "alps_delta.safetensors"
 MERGE_HINT_FILE = "ALPS_MERGE.md"
+ADAPTER_DIR = "adapter"
 
 
 def is_sharded_checkpoint(checkpoint: str) -> bool:
@@ -73,7 +75,32 @@ def write_delta_file(
         selection=restriction.selection,
         base_model=base_model or getattr(getattr(model, "config", None), "_name_or_path", ""),
         restrict_o_proj=restriction.restrict_o_proj,
+        rest_trained=restriction.rest_trains,
     )
+
+
+def write_adapter(
+    model: torch.nn.Module, restriction: Any, deltas: dict[str, torch.Tensor], directory: str, uniform_rank: bool
+) -> AdapterInfo:
+    """Write the PEFT LoRA adapter of already gathered `deltas` (`Restriction.trained_deltas`) into `directory`,
+    over the base the model was loaded from."""
+    inner = unwrap_model(model)
+    config = inner.config
+    o_module = restriction.layout.layers[0].o_module
+    info = save_adapter(
+        deltas,
+        restriction.layout,
+        restriction.selection,
+        directory,
+        base_model=getattr(config, "_name_or_path", "") or "",
+        uniform_rank=uniform_rank,
+        o_proj_has_bias=getattr(inner.get_submodule(o_module), "bias", None) is not None,
+    )
+    logger.warning(
+        f"ALPS: saved the trained heads as a PEFT LoRA adapter in {directory} (largest rank {info.max_rank}; "
+        f"{info.vllm_hint()})."
+    )
+    return info
 
 
 def save_quantized_run(

@@ -115,6 +115,21 @@ class AlpsArguments:
         default=False,
         metadata={"help": "Also restrict o_proj to the selected heads' input columns (not part of the paper)."},
     )
+    alps_save_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "Also save the trained heads as a PEFT LoRA adapter in output_dir/adapter (for PeftModel, "
+            "transformers' load_adapter, vLLM's --enable-lora) when the model is saved. Head-only training only "
+            "(alps_train_non_attention=False, or a 4-bit base)."
+        },
+    )
+    alps_adapter_uniform_rank: bool = field(
+        default=False,
+        metadata={
+            "help": "Give every module of the saved adapter the largest rank (zero-padded, the same update), for "
+            "servers that take one LoRA rank (vLLM's --max-lora-rank). False: per-module ranks (rank_pattern)."
+        },
+    )
     alps_trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow custom code when reading the config of alps_task_model. Off by default."},

@@ -31,6 +31,7 @@ hint (`alps_trl.trainers.checkpoints`); resuming and ``load_best_model_at_end`` 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import os
 from typing import Any
@@ -47,10 +48,11 @@ from alps_trl.localization.selection import HeadSelection
 from alps_trl.reporting import summary as report
 from alps_trl.restriction import build_restriction, is_quantized, resolve_mode
 from alps_trl.restriction.delta import merge_state_dict
+from alps_trl.restriction.peft_export import NON_ATTENTION_MESSAGE
 from alps_trl.trainers import checkpoints
 from alps_trl.trainers import head_sources as sources
 from alps_trl.trainers import probe as probe_module
-from alps_trl.trainers.checkpoints import DELTA_FILE, MERGE_HINT_FILE  # noqa: F401 - re-exported
+from alps_trl.trainers.checkpoints import ADAPTER_DIR, DELTA_FILE, MERGE_HINT_FILE  # noqa: F401 - re-exported
 from alps_trl.trainers.checks import (
     PEFT_MESSAGE,
     accept_quantized_base,
@@ -190,6 +192,10 @@ class AlpsTrainerMixin:
         restriction = self._alps_restriction
         if restriction is not None and restriction.mode == "delta":
             self._alps_gathered_deltas = restriction.delta_state_dict(self.model)
+        # The final save (not a checkpoint's) also writes the adapter; gathering is a collective, so here too.
+        adapter_deltas = None
+        if restriction is not None and self._alps.alps_save_adapter and not _internal_call:
+            adapter_deltas = self._alps_gathered_deltas or restriction.trained_deltas(self.model)
         try:
             if plugin is None or _internal_call or "FULL_STATE_DICT" in str(plugin.state_dict_type):
                 super().save_model(output_dir, _internal_call)
@@ -205,6 +211,11 @@ class AlpsTrainerMixin:
         # Sharded checkpoints never reach _save: write the selection here too, so that resuming restores it.
         if self.args.should_save and self._alps_selection is not None:
             self._alps_write_selection(output_dir if output_dir is not None else self.args.output_dir)
+        if adapter_deltas is not None and self.args.should_save:
+            directory = os.path.join(output_dir if output_dir is not None else self.args.output_dir, ADAPTER_DIR)
+            checkpoints.write_adapter(
+                self.model, restriction, adapter_deltas, directory, self._alps.alps_adapter_uniform_rank
+            )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -299,6 +310,10 @@ class AlpsTrainerMixin:
                 "optimizer_cls_and_kwargs=(OptimizerClass, kwargs) or set args.optim instead."
             )
         self._alps_mode = resolve_mode(alps.alps_mode, model)
+        if alps.alps_save_adapter and alps.alps_train_non_attention and not is_quantized(model):
+            raise ValueError(NON_ATTENTION_MESSAGE)
+        if alps.alps_save_adapter and importlib.util.find_spec("peft") is None:
+            raise ValueError("alps_save_adapter=True writes a PEFT adapter, which needs PEFT: pip install peft.")
         layout = AttentionLayout.from_model(model)
         self._alps_layout = layout
         refuse_deepspeed_mask(self.args, self._alps_mode)

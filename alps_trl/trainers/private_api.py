@@ -88,6 +88,13 @@ PRIVATE_API: tuple[PrivateUse, ...] = (
         ("self",),
     ),
     PrivateUse(
+        "trl.generation.vllm_generation:VLLMGeneration._weight_metadata",
+        "attribute",
+        "trainers.vllm_sync",
+        "server mode announces each push's tensors from this cached list; a push of the changed q/k/v only must "
+        "announce those (set before sync_weights, the full list kept for complete pushes)",
+    ),
+    PrivateUse(
         "trl.generation.vllm_generation:VLLMGeneration._fix_param_name_to_vllm",
         "call",
         "trainers.vllm_sync",
