@@ -332,10 +332,23 @@ def check_same_shape(base: WeightSource, task: WeightSource) -> None:
             )
 
 
-def open_pair(base: Any, task: Any, trust_remote_code: bool = False) -> tuple[WeightSource, WeightSource]:
-    """Open both models for streaming and check that their shapes match (before any scoring work)."""
-    src_b = open_weight_source(base, trust_remote_code=trust_remote_code)
-    src_t = open_weight_source(task, trust_remote_code=trust_remote_code)
+def open_pair(
+    base: Any,
+    task: Any,
+    trust_remote_code: bool = False,
+    *,
+    fetch: str | None = None,
+    base_revision: str | None = None,
+    task_revision: str | None = None,
+    progress: bool = False,
+) -> tuple[WeightSource, WeightSource]:
+    """Open both models for streaming and check that their shapes match (before any scoring work).
+
+    `fetch`, the revisions and `progress` are those of `open_weight_source` (hub ids not in the local cache).
+    """
+    options = dict(trust_remote_code=trust_remote_code, fetch=fetch, progress=progress)
+    src_b = open_weight_source(base, revision=base_revision, **options)
+    src_t = open_weight_source(task, revision=task_revision, **options)
     check_same_shape(src_b, src_t)
     return src_b, src_t
 

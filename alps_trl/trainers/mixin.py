@@ -300,10 +300,9 @@ class AlpsTrainerMixin:
 
     def _alps_check_task_model(self) -> None:
         from alps_trl.localization.scoring import check_same_shape
-        from alps_trl.localization.weights import open_weight_source
 
         alps = self._alps
-        task = open_weight_source(alps.alps_task_model, trust_remote_code=alps.alps_trust_remote_code)
+        task = self._alps_task_source = sources.open_task_model(alps)  # reused by the selection: fetched once
         check_same_shape(sources.base_weight_source(self.model, alps.alps_trust_remote_code), task)
 
     def _alps_check_importance_possible(self) -> None:
@@ -463,7 +462,7 @@ class AlpsTrainerMixin:
             self._alps_source = "alps_task_model"
             if not self.accelerator.is_main_process:
                 return None
-            task = open_weight_source(alps.alps_task_model, trust_remote_code=alps.alps_trust_remote_code)
+            task = getattr(self, "_alps_task_source", None) or sources.open_task_model(alps)
             return localize_heads(sources.base_weight_source(self.model, alps.alps_trust_remote_code), task, **options)
         if alps.alps_metric == "importance":
             return self._alps_importance_selection()
