@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         "for the supported architectures; weights are read without running model code)",
     )
     parser.add_argument(
+        "--precision",
+        choices=("mixed", "float64"),
+        default="mixed",
+        help="mixed: float32 matrix products, and float64 for the layers with heads near the top-k boundary (the "
+        "same heads as float64, in less time); float64: every score in float64",
+    )
+    parser.add_argument(
         "--fetch",
         choices=FETCH_MODES,
         default=None,
@@ -171,6 +178,7 @@ def _run(args: argparse.Namespace, start: float) -> int:
             seed=args.seed,
             device=args.device,
             progress=not args.quiet,
+            precision=args.precision,
         )
         selection.save(args.output)
         if args.heatmap:
