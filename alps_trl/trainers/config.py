@@ -18,7 +18,7 @@ from trl import DPOConfig, GRPOConfig, SFTConfig
 
 from alps_trl.localization.scoring import METRICS
 from alps_trl.localization.selection import STRATEGIES, validate_ratio
-from alps_trl.localization.weights import FETCH_MODES, validate_fetch
+from alps_trl.localization.weights import FETCH_MODES
 from alps_trl.restriction import MODES
 
 # Fraction of the planned optimizer steps that the probe runs when `alps_probe_steps` is None: the paper's cheap
@@ -149,15 +149,10 @@ class AlpsArguments:
         except ValueError as err:
             raise ValueError(f"alps_ratio: {err}") from None
         for f in dataclasses.fields(AlpsArguments):
-            choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
-                raise ValueError(
-                    f"{f.name}={getattr(self, f.name)!r} is not known; choose one of {', '.join(map(str, choices))}."
-                )
-        try:
-            validate_fetch(self.alps_fetch)
-        except ValueError as err:
-            raise ValueError(f"alps_fetch: {err}") from None
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            unset = value is None and f.default is None  # an optional choice left at None (alps_fetch: off)
+            if choices is not None and not unset and value not in choices:
+                raise ValueError(f"{f.name}={value!r} is not known; choose one of {', '.join(map(str, choices))}.")
         if self.alps_metric == "importance" and self.alps_task_model:
             raise ValueError(
                 "alps_metric='importance' scores heads on the training data and uses no task model, but "
