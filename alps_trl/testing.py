@@ -168,7 +168,8 @@ class LoopbackHub:
         self._server: Any = None
 
     def add_repo(self, repo_id: str, folder: str, gated_token: str | None = None) -> str:
-        """Serve the files of `folder` as `repo_id`; with `gated_token`, files need ``Bearer <gated_token>``.
+        """Serve the files of `folder` as `repo_id`; with `gated_token`, files need ``Bearer <gated_token>`` (no
+        token: 401, another token: 403, both with X-Error-Code GatedRepo, as the hub answers for a gated model).
 
         Returns the repository's commit sha (derived from the repo id and the file names and sizes).
         """
@@ -251,9 +252,9 @@ def _hub_handler(hub: LoopbackHub) -> type:
             revision, _, filename = rest.partition("/")
             if revision not in (commit, "main"):
                 return self._error(404, "RevisionNotFound", head)
-            token = hub._gated.get(repo_id)
-            if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
-                return self._error(401, "GatedRepo", head)
+            token, auth = hub._gated.get(repo_id), self.headers.get("Authorization")
+            if token is not None and auth != f"Bearer {token}":  # as the hub: 401 without a token, 403 with another
+                return self._error(403 if auth else 401, "GatedRepo", head)
             file_path = os.path.join(folder, filename)
             if not filename or not os.path.isfile(file_path):
                 return self._error(404, "EntryNotFound", head)

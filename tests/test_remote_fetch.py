@@ -128,8 +128,11 @@ def test_gated_model_needs_the_token(pair, hub, monkeypatch):
     hub.add_repo("acme/gated", str(pair / "task"), gated_token="hf_secret")
     with pytest.raises(PermissionError, match=r"acme/gated is a gated model \(HTTP 401\).*accept.*HF_TOKEN"):
         open_weight_source("acme/gated", fetch="qkv")
-    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("HF_TOKEN", "hf_other_account")
     monkeypatch.delenv("HF_HUB_DISABLE_IMPLICIT_TOKEN")
+    with pytest.raises(PermissionError, match=r"acme/gated is a gated model \(HTTP 403\).*a token is set but lacks"):
+        open_weight_source("acme/gated", fetch="qkv")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
     remote = _scores_remote("acme/base", "acme/gated")
     assert np.array_equal(remote, score_array(str(pair / "base"), str(pair / "task")))
 
@@ -188,7 +191,8 @@ def test_trainer_option_reads_the_remote_task_model(pair, hub):
     task = open_task_model(alps)
     ref = open_weight_source(str(pair / "task"))
     assert all(np.array_equal(a, b) for a, b in zip(task.layer_arrays(1), ref.layer_arrays(1)))
-    with pytest.raises(ValueError, match="alps_fetch: Unknown fetch mode 'all'"):
+    assert AlpsArguments().alps_fetch is None  # off by default
+    with pytest.raises(ValueError, match="alps_fetch='all' is not known; choose one of qkv."):
         AlpsArguments(alps_fetch="all")
 
 
