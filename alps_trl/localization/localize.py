@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("mixed", "float64")
 # Bound on the relative error of scores from float32 products (precision="mixed"), with margin: the largest
-# measured is 9e-5 (an 8B-shaped bf16 pair, benchmarks/bench_localize.py --model llama-3.1-8b-shape).
+# measured is 9e-5 (an 8B-shaped bf16 pair, `python -m benchmarks.cost.localization --model llama-3.1-8b-shape`).
 MIXED_RTOL = 1e-3
 
 
@@ -106,7 +106,7 @@ def localize_heads(
     k = num_selected(ratio, layout.num_layers, layout.num_heads)
     scores = None
     if strategy == "top_k":
-        options = dict(metric=metric, temperature=temperature, device=device)
+        options = dict(metric=metric, temperature=temperature, device=device, workspace={})
         matmul_dtype = "float32" if precision == "mixed" else "float64"
         scores = score_array(src_b, src_t, progress=progress, matmul_dtype=matmul_dtype, **options)
         if precision == "mixed":
