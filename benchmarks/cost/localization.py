@@ -300,12 +300,23 @@ def smollm2_case(args) -> tuple[str, list[tuple[str, str]], str, str]:
     return workdir, bases, task_dir, description
 
 
+# Targets of the 8B-shaped case (printed next to the measurements; --tiny checks the pipeline only).
+LOCAL_TARGET_S, PEAK_TARGET_BYTES, REMOTE_OVER_LOCAL_TARGET = 10.0, 1e9, 1.5
+
+
+def qkv_bytes(dims: dict) -> int:
+    """Bytes of one bf16 model's q/k/v weights: layers x (q [h*hd, d] + k and v [kv*hd, d]) x 2."""
+    rows = (dims["num_attention_heads"] + 2 * dims["num_key_value_heads"]) * dims["head_dim"]
+    return dims["num_hidden_layers"] * rows * dims["hidden_size"] * 2
+
+
 def remote_case(args) -> int:
     """The 8B-shaped pair (q/k/v-only bf16 checkpoints): local (mixed and float64) and over a loopback hub.
 
-    Three runs of alps-localize, one after the other in one invocation: the default precision ("mixed"), the
-    float64 reference (same heads?), and `--fetch qkv` from `alps_trl.testing.LoopbackHub` serving the same two
-    directories on 127.0.0.1 (an empty q/k/v cache, deleted afterwards), with the bytes it served.
+    Four runs of alps-localize, one after the other in one invocation: the default precision ("mixed"), the
+    float64 reference (same heads?), `--fetch qkv` from `alps_trl.testing.LoopbackHub` (the hub the tests use)
+    serving the same two directories on 127.0.0.1 into an empty q/k/v cache, with the bytes it served, and the
+    same command again (the cache: no request). The cache is deleted afterwards.
     """
     import shutil
 
@@ -314,39 +325,43 @@ def remote_case(args) -> int:
     dims = TINY if args.quick else LLAMA_8B
     workdir = os.path.join(args.workdir, "tiny-qkv" if args.quick else "llama-3.1-8b-shape")
     base_dir, task_dir, planted = build_pair(workdir, dims, args.seed, qkv_only=True)
-    size_gb = sum(os.path.getsize(os.path.join(d, "model.safetensors")) for d in (base_dir, task_dir)) / 1e9
+    files_bytes = sum(os.path.getsize(os.path.join(d, "model.safetensors")) for d in (base_dir, task_dir))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     cache = os.path.join(workdir, "qkv_cache")
     shutil.rmtree(cache, ignore_errors=True)
+    rows: list = []  # (label, measurement, heads)
 
-    def run(label: str, base: str, task: str, extra: list[str], run_env: dict) -> tuple[str, dict, list]:
+    def run(label: str, base: str, task: str, extra: list[str], run_env: dict) -> None:
         heads_path = os.path.join(workdir, f"heads_{len(rows)}.json")
         cmd = [sys.executable, "-m", "alps_trl.cli.localize", base, task, "--ratio", str(RATIO), "-q"]
-        return label, measure(cmd + ["--output", heads_path, *extra], run_env), read_heads(heads_path)
+        rows.append((label, measure(cmd + ["--output", heads_path, *extra], run_env), read_heads(heads_path)))
 
     load_before = os.getloadavg()
-    rows: list = []
-    rows.append(run("alps-localize (local, --precision mixed)", base_dir, task_dir, [], env))
-    rows.append(
-        run("alps-localize --precision float64 (reference)", base_dir, task_dir, ["--precision", "float64"], env)
-    )
+    run("alps-localize (local, --precision mixed)", base_dir, task_dir, [], env)
+    run("alps-localize --precision float64 (reference)", base_dir, task_dir, ["--precision", "float64"], env)
     with LoopbackHub() as hub:
         hub.add_repo("bench/base", base_dir)
         hub.add_repo("bench/task", task_dir)
-        remote_env = {**env, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "ALPS_TRL_CACHE": cache}
-        rows.append(
-            run("alps-localize --fetch qkv (loopback hub)", "bench/base", "bench/task", ["--fetch", "qkv"], remote_env)
+        # No token leaves for the loopback hub; HF_ENDPOINT points huggingface_hub at it.
+        remote_env = {k: v for k, v in env.items() if k != "HF_TOKEN"}
+        remote_env.update(
+            HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_IMPLICIT_TOKEN="1", ALPS_TRL_CACHE=cache
         )
+        remote = ["bench/base", "bench/task"]
+        run("alps-localize --fetch qkv (loopback hub)", *remote, ["--fetch", "qkv"], remote_env)
         served, requests = hub.bytes_served, len(hub.requests)
+        hub.reset_counts()
+        run("the same again (from the q/k/v cache)", *remote, ["--fetch", "qkv"], remote_env)
+        second_requests = len(hub.requests)
     shutil.rmtree(cache, ignore_errors=True)
     load_after = os.getloadavg()
 
     shape = ", ".join(f"{k}={v}" for k, v in dims.items() if k not in ("intermediate_size", "vocab_size"))
     print(
-        f"\nmodel pair: llama ({shape}); q/k/v-only bf16 safetensors, {size_gb:.2f} GB in total; {os.cpu_count()} "
-        f"CPUs, threads: {args.threads or 'default'}; 1/5/15-min load average before: "
+        f"\nmodel pair: llama ({shape}); q/k/v-only bf16 safetensors, {files_bytes / 1e9:.2f} GB in total; "
+        f"{os.cpu_count()} CPUs, threads: {args.threads or 'default'}; 1/5/15-min load average before: "
         + "/".join(f"{x:.1f}" for x in load_before)
         + ", after: "
         + "/".join(f"{x:.1f}" for x in load_after)
@@ -355,13 +370,23 @@ def remote_case(args) -> int:
     print(f"{'method':<{width}}{'time (s)':>10}{'CPU time (s)':>14}{'peak RSS (MB)':>16}")
     for label, res, _ in rows:
         print(f"{label:<{width}}{res['wall_s']:>10.2f}{res['cpu_s']:>14.2f}{res['peak_mb']:>16.0f}")
-    local, reference, remote = rows
-    print(f"top-{RATIO:.0%} (mixed) == top-{RATIO:.0%} (float64): {local[2] == reference[2]} ({len(local[2])} heads)")
-    print(f"top-{RATIO:.0%} (mixed) == planted heads: {local[2] == planted}")
-    print(f"top-{RATIO:.0%} (remote) == top-{RATIO:.0%} (local): {remote[2] == local[2]}")
+    (_, local, heads), (_, _, reference), (_, fetched, remote_heads), (_, _, cached_heads) = rows
+    top = f"top-{RATIO:.0%}"
+    print(f"{top} (mixed) == {top} (float64 reference): {heads == reference} ({len(heads)} heads)")
+    print(f"{top} (mixed) == planted heads: {heads == planted}")
+    print(f"{top} (remote, first and second run) == {top} (local): {remote_heads == heads == cached_heads}")
+    needed = 2 * qkv_bytes(dims)
     print(
-        f"remote / local time: {remote[1]['wall_s'] / local[1]['wall_s']:.2f}x; bytes served: {served:,} in "
-        f"{requests} requests ({served / (size_gb * 1e9):.4f} of the q/k/v bytes of both checkpoints)"
+        f"bytes served: {served:,} in {requests} requests = the q/k/v bytes of both models ({needed:,}) + "
+        f"{served - needed:,} (headers, config.json, file lists); second run: {second_requests} requests"
+    )
+    ratio = fetched["wall_s"] / local["wall_s"]
+    peak_mb = max(res["peak_mb"] for _, res, _ in rows)
+    print(
+        f"targets: local time {local['wall_s']:.2f} s <= {LOCAL_TARGET_S:.0f} s: {local['wall_s'] <= LOCAL_TARGET_S}; "
+        f"peak RSS {peak_mb:.0f} MB <= 1 GB: {peak_mb * 2**20 <= PEAK_TARGET_BYTES}; remote / local time "
+        f"{ratio:.2f}x <= {REMOTE_OVER_LOCAL_TARGET}x: {ratio <= REMOTE_OVER_LOCAL_TARGET}; same {top} as float64: "
+        f"{heads == reference}"
     )
     return 0
 
