@@ -6,6 +6,7 @@ trained with the `tokenizers` library on text given by the caller.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,3 +190,166 @@ def recording_vllm_generation(trainer: Any, client: Any, mode: str = "server") -
         gen.llm = client
     push_effective_weights(gen, trainer)
     return gen
+
+
+class LoopbackHub:
+    """A Hugging Face hub stand-in on 127.0.0.1 that serves local checkpoint directories as model repositories.
+
+    It answers the requests huggingface_hub makes: ``GET /api/models/{repo}/revision/{rev}`` (commit and file
+    list, as `HfApi.model_info` reads them) and ``GET``/``HEAD /{repo}/resolve/{rev}/{file}`` with byte ranges,
+    ``X-Repo-Commit`` and ``ETag``; errors carry the hub's ``X-Error-Code`` (RepoNotFound, EntryNotFound,
+    GatedRepo). It counts the response body bytes and the requests, and can drop a connection in the middle of
+    a range. Use as a context manager; `url` is the value for ``HF_ENDPOINT``.
+
+    Attributes:
+        bytes_served: body bytes sent so far (every response, errors included).
+        requests: (method, path, Range header or None) of every request, in order.
+        drop_after: when set, the next ranged GET of more bytes is cut off after this many body bytes (once).
+    """
+
+    def __init__(self) -> None:
+        self._repos: dict[str, tuple[str, str]] = {}
+        self._gated: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.bytes_served = 0
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.drop_after: int | None = None
+        self._server: Any = None
+
+    def add_repo(self, repo_id: str, folder: str, gated_token: str | None = None) -> str:
+        """Serve the files of `folder` as `repo_id`; with `gated_token`, files need ``Bearer <gated_token>`` (no
+        token: 401, another token: 403, both with X-Error-Code GatedRepo, as the hub answers for a gated model).
+
+        Returns the repository's commit sha (derived from the repo id and the file names and sizes).
+        """
+        import hashlib
+        import os
+
+        listing = sorted((f, os.path.getsize(os.path.join(folder, f))) for f in os.listdir(folder))
+        commit = hashlib.sha1(repr((repo_id, listing)).encode()).hexdigest()
+        self._repos[repo_id] = (folder, commit)
+        if gated_token is not None:
+            self._gated[repo_id] = gated_token
+        return commit
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.bytes_served, self.requests = 0, []
+
+    def __enter__(self) -> LoopbackHub:
+        from http.server import ThreadingHTTPServer
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _hub_handler(self))
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _count(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_served += nbytes
+
+
+def _hub_handler(hub: LoopbackHub) -> type:
+    import json
+    import os
+    from http.server import BaseHTTPRequestHandler
+    from urllib.parse import unquote, urlsplit
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # quiet: tests read hub.requests instead
+            pass
+
+        def do_HEAD(self) -> None:
+            self._answer(head=True)
+
+        def do_GET(self) -> None:
+            self._answer(head=False)
+
+        def _answer(self, head: bool) -> None:
+            path = unquote(urlsplit(self.path).path)
+            with hub._lock:
+                hub.requests.append((self.command, path, self.headers.get("Range")))
+            if path.startswith("/api/models/"):
+                repo_id, _, revision = path[len("/api/models/") :].partition("/revision/")
+                if repo_id not in hub._repos:
+                    return self._error(404, "RepoNotFound", head)
+                folder, commit = hub._repos[repo_id]
+                info = {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": commit,
+                    "private": False,
+                    "gated": "manual" if repo_id in hub._gated else False,
+                    "siblings": [{"rfilename": f} for f in sorted(os.listdir(folder))],
+                }
+                return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
+            repo_id, sep, rest = path.lstrip("/").partition("/resolve/")
+            if not sep or repo_id not in hub._repos:
+                return self._error(404, "RepoNotFound", head)
+            folder, commit = hub._repos[repo_id]
+            revision, _, filename = rest.partition("/")
+            if revision not in (commit, "main"):
+                return self._error(404, "RevisionNotFound", head)
+            token, auth = hub._gated.get(repo_id), self.headers.get("Authorization")
+            if token is not None and auth != f"Bearer {token}":  # as the hub: 401 without a token, 403 with another
+                return self._error(403 if auth else 401, "GatedRepo", head)
+            file_path = os.path.join(folder, filename)
+            if not filename or not os.path.isfile(file_path):
+                return self._error(404, "EntryNotFound", head)
+            self._send_file(file_path, commit, head)
+
+        def _error(self, status: int, code: str, head: bool) -> None:
+            self._send(status, json.dumps({"error": code}).encode(), {"X-Error-Code": code}, head)
+
+        def _send(self, status: int, body: bytes, headers: dict, head: bool) -> None:
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+                hub._count(len(body))
+
+        def _send_file(self, file_path: str, commit: str, head: bool) -> None:
+            size = os.path.getsize(file_path)
+            start, stop, status = 0, size, 200
+            ranged = self.headers.get("Range")
+            if ranged:
+                first, _, last = ranged.removeprefix("bytes=").partition("-")
+                start, stop, status = int(first), min(size, int(last) + 1 if last else size), 206
+            self.send_response(status)
+            self.send_header("Content-Length", str(stop - start))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("ETag", f'"{commit[:16]}-{size}"')
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
+            self.end_headers()
+            if head:
+                return
+            count = stop - start
+            drop = None
+            with hub._lock:
+                if ranged and hub.drop_after is not None and count > hub.drop_after:
+                    drop, hub.drop_after = hub.drop_after, None
+            if drop is not None:
+                count = min(count, drop)
+            with open(file_path, "rb") as f:
+                sent = self.connection.sendfile(f, start, count)
+            hub._count(sent)
+            if drop is not None:
+                self.close_connection = True
+                self.connection.shutdown(2)
+
+    return Handler

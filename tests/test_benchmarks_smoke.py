@@ -89,6 +89,23 @@ def test_bench_localize_smollm2_quick_agrees_with_naive(tmp_path, smollm2_gguf):
     assert _bench_files() == before
 
 
+def test_bench_localize_8b_shape_tiny_runs_local_and_over_loopback(tmp_path):
+    """The 8B-shaped case on tiny shapes: local (mixed, float64), over the loopback hub, then from the q/k/v cache."""
+    before = _bench_files()
+    args = ["-m", "benchmarks.cost.localization", "--model", "llama-3.1-8b-shape", "--tiny"]
+    out = _run(args + ["--workdir", str(tmp_path), "--cleanup"], timeout=120)
+    for label in ("(local, --precision mixed)", "--precision float64 (reference)", "--fetch qkv (loopback hub)"):
+        assert f"alps-localize {label}" in out, out
+    assert "top-10% (mixed) == top-10% (float64 reference): True (2 heads)" in out
+    assert "top-10% (mixed) == planted heads: True" in out
+    assert "top-10% (remote, first and second run) == top-10% (local): True" in out
+    # 2 models x 2 layers x (8 + 2 * 2 heads of 8 rows) x 64 columns x 2 bytes; the second run asks nothing.
+    assert "= the q/k/v bytes of both models (49,152) + " in out and "second run: 0 requests" in out
+    assert "targets: local time " in out and "peak RSS " in out and "same top-10% as float64: True" in out
+    assert not (tmp_path / "tiny-qkv").exists()  # --cleanup
+    assert _bench_files() == before
+
+
 @pytest.mark.slow
 def test_bench_train_smollm2_quick_reports_every_method_and_its_peak_rss(smollm2_gguf):
     before = _bench_files()

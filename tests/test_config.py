@@ -35,13 +35,16 @@ CHOICE_FIELDS = [f for f in dataclasses.fields(AlpsArguments) if "choices" in f.
 def test_choices_are_the_known_values():
     """The one list of each field's values is its metadata; the trainers' metrics, strategies and modes."""
     from alps_trl.localization.selection import STRATEGIES
+    from alps_trl.localization.weights import FETCH_MODES
     from alps_trl.restriction import MODES
     from alps_trl.trainers.config import TRAINER_METRICS
 
     found = {f.name: tuple(f.metadata["choices"]) for f in CHOICE_FIELDS}
-    assert found == {"alps_metric": TRAINER_METRICS, "alps_strategy": STRATEGIES, "alps_mode": MODES}
+    expected = {"alps_metric": TRAINER_METRICS, "alps_strategy": STRATEGIES, "alps_mode": MODES}
+    assert found == {**expected, "alps_fetch": FETCH_MODES}
     for f in CHOICE_FIELDS:
-        assert f.default in f.metadata["choices"], f.name
+        # alps_fetch is optional: None (its default, nothing fetched) or one of its choices.
+        assert f.default in f.metadata["choices"] or (f.name == "alps_fetch" and f.default is None), f.name
 
 
 @pytest.mark.parametrize("field", CHOICE_FIELDS, ids=lambda f: f.name)

@@ -115,3 +115,32 @@ def test_ablation_metrics_rank_planted_heads_first(tiny_llama):
     for metric in ("kl", "js", "cosine", "euclidean"):
         sel = localize_heads(tiny_llama, task, ratio=3 / 16, metric=metric)
         assert sel.heads == PLANTED and sel.metric == metric
+
+
+def test_boundary_layers_are_those_near_the_kth_score():
+    from alps_trl.localization.localize import boundary_layers
+
+    scores = np.array([[9.0, 1.0, 0.5], [5.0, 4.999, 0.1], [8.0, 0.2, 0.3]])
+    # k = 3: the 3rd score is 5.0, the 4th 4.999: only layer 1 holds heads within the band.
+    assert boundary_layers(scores, 3, rtol=1e-3) == [1]
+    assert boundary_layers(scores, 2, rtol=1e-3) == [1, 2]  # 8.0 | 5.0: the 9.0 of layer 0 is safely above
+    assert boundary_layers(scores, 9) == []
+
+
+@pytest.mark.parametrize("metric", ["pad", "kl"])
+def test_mixed_precision_selects_the_float64_heads(metric):
+    """Many small, close scores: float32 products may reorder some, the float64 boundary layers fix the selection."""
+    from alps_trl.localization.localize import MIXED_RTOL
+
+    base = tiny_model("llama", seed=0, num_hidden_layers=4)
+    task = copy_model(base)
+    with torch.no_grad():  # every q/k/v row moves a little: no clear gap between the heads
+        gen = torch.Generator().manual_seed(3)
+        for p in task.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=gen))
+    exact = localize_heads(base, task, ratio=0.25, metric=metric, device="cpu", precision="float64")
+    mixed = localize_heads(base, task, ratio=0.25, metric=metric, device="cpu", precision="mixed")
+    assert mixed.heads == exact.heads
+    np.testing.assert_allclose(mixed.scores, exact.scores, rtol=MIXED_RTOL)
+    with pytest.raises(ValueError, match="Unknown precision 'half'"):
+        localize_heads(base, task, device="cpu", precision="half")

@@ -89,6 +89,8 @@ CHECKED = {
     "--lora-modules alps=outputs/llama-3.1-8b-general-alps-4bit-adapter --max-lora-rank 512": "vllm",
     "alps-localize meta-llama/Llama-3.2-1B meta-llama/Llama-3.2-1B-Instruct --ratio 0.1 "
     "--output heads.json --heatmap heads.png": "alps_localize",
+    "alps-localize meta-llama/Llama-3.1-8B deepseek-ai/DeepSeek-R1-Distill-Llama-8B --fetch qkv "
+    "--output outputs/llama-3.1-8b-math-heads.json": "alps_localize",
     "alps-localize meta-llama/Llama-3.1-8B deepseek-ai/DeepSeek-R1-Distill-Llama-8B --ratio 0.1 "
     "--output outputs/llama-3.1-8b-math-heads.json --heatmap outputs/llama-3.1-8b-math-heads.png": "alps_localize",
     "lm_eval --model hf --model_args pretrained=outputs/llama-3.2-1b-general-alps,dtype=bfloat16 "
@@ -331,6 +333,8 @@ def check_alps_merge(argv: list[str]) -> None:
 
 
 def check_alps_localize(argv: list[str]) -> None:
+    """Flags parse and the models are the recipes'; the same command with --fetch qkv runs against a loopback hub
+    in tests/test_remote_fetch.py::test_cli_fetches_then_runs_offline."""
     from alps_trl.cli.localize import build_parser
 
     ns = build_parser().parse_args(argv[1:])
@@ -429,6 +433,26 @@ def test_options_table_matches_the_dataclass():
     for f in dataclasses.fields(AlpsArguments):
         help_text = " ".join(f.metadata["help"].split())
         assert f"| `{f.name}` |" in block and help_text in block, f.name
+
+
+REMOTE_SECTION = "Localizing against hub models without downloading them: `--fetch qkv`"
+
+
+def test_remote_localization_bytes_are_computed_from_llama_8b_shapes():
+    """The README's q/k/v bytes of a Llama-3.1-8B pair: its layout's q/k/v entries x 2 bytes (bf16), per model."""
+    from alps_trl.localization.anatomy import AttentionLayout
+    from benchmarks.cost.localization import LLAMA_8B, llama_config, qkv_bytes, tensor_specs
+
+    names = [name for name, _ in tensor_specs(LLAMA_8B, qkv_only=True)]
+    layout = AttentionLayout.from_config(llama_config(LLAMA_8B), names)
+    per_model = layout.num_layers * layout.qkv_params_per_layer * 2
+    assert per_model == qkv_bytes(LLAMA_8B)
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = " ".join(section(f.read(), REMOTE_SECTION).split())
+    assert "32 layers x (q 4096 x 4096 + k 1024 x 4096 + v 1024 x 4096) x 2 bytes" in text
+    assert f"= {per_model:,} bytes per model, {2 * per_model:,} bytes (3.2 GB) for the pair" in text
+    for flag in ("--fetch qkv", "--revision REV", "--base-revision REV", "HF_ENDPOINT", "HF_TOKEN", "ALPS_TRL_CACHE"):
+        assert flag in text, flag
 
 
 def test_drop_in_snippet_is_five_lines_and_imports_resolve():

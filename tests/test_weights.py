@@ -155,7 +155,7 @@ def test_hub_id_is_resolved_from_the_local_cache_only(tmp_path, monkeypatch, pai
     assert src.name == "acme/tiny-llama" and src.layout.num_layers == 2
     ref = open_weight_source(str(dirs["base_single"]))
     assert torch.equal(src.layer_qkv(1)[0], ref.layer_qkv(1)[0])
-    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache.*never downloads"):
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache.*downloads nothing unless told"):
         open_weight_source("acme/not-cached")
 
 

@@ -3,10 +3,12 @@
 Usage:
     alps-localize BASE TASK [--ratio 0.1] [--metric pad] [--strategy top_k] [--temperature 1.0]
                   [--seed 0] [--device cpu|cuda] [--output heads.json] [--heatmap heads.png] [--threads N]
+                  [--fetch qkv] [--revision REV] [--base-revision REV]
 
 BASE and TASK are checkpoint directories (config.json + safetensors or .bin, sharded or not), GGUF files
 (llama.cpp's format, dequantized on read; needs `pip install gguf`) or hub ids already in the local Hugging
-Face cache; TASK is a fine-tune of BASE for the target task. Only the q/k/v
+Face cache (with `--fetch qkv`, any hub id: only its q/k/v rows are read, with HTTP range requests, and
+cached); TASK is a fine-tune of BASE for the target task. Only the q/k/v
 tensors are read, one layer at a time. The resulting heads file is what `alps_heads=` / `--alps_heads`
 of the ALPS trainers and recipes take.
 
@@ -24,6 +26,7 @@ import sys
 import time
 
 METRICS = ("pad", "kl", "js", "cosine", "euclidean")
+FETCH_MODES = ("qkv",)  # alps_trl.localization.weights.FETCH_MODES, not imported to keep start-up lean
 STRATEGIES = ("top_k", "random", "layer_consistent")
 
 
@@ -60,6 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow custom config code (never needed "
         "for the supported architectures; weights are read without running model code)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("mixed", "float64"),
+        default="mixed",
+        help="mixed: float32 matrix products, and float64 for the layers with heads near the top-k boundary (the "
+        "same heads as float64, in less time); float64: every score in float64",
+    )
+    parser.add_argument(
+        "--fetch",
+        choices=FETCH_MODES,
+        default=None,
+        help="for hub ids not in the local cache: read only their q/k/v rows with HTTP range requests (about a "
+        "tenth of a checkpoint), cached under $ALPS_TRL_CACHE (default ~/.cache/alps_trl). Off by default: "
+        "nothing is downloaded",
+    )
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of TASK on the hub (default main)")
+    parser.add_argument("--base-revision", default=None, help="branch, tag or commit of BASE on the hub (main)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     return parser
 
@@ -139,7 +159,15 @@ def _run(args: argparse.Namespace, start: float) -> int:
     from alps_trl.localization.scoring import open_pair
 
     try:
-        base, task = open_pair(args.base, args.task, trust_remote_code=args.trust_remote_code)
+        base, task = open_pair(
+            args.base,
+            args.task,
+            trust_remote_code=args.trust_remote_code,
+            fetch=args.fetch,
+            base_revision=args.base_revision,
+            task_revision=args.revision,
+            progress=not args.quiet,
+        )
         selection = localize_heads(
             base,
             task,
@@ -150,6 +178,7 @@ def _run(args: argparse.Namespace, start: float) -> int:
             seed=args.seed,
             device=args.device,
             progress=not args.quiet,
+            precision=args.precision,
         )
         selection.save(args.output)
         if args.heatmap:

@@ -20,8 +20,8 @@ class NumpyOps:
     name = "numpy"
 
     @staticmethod
-    def empty(shape: tuple[int, ...], like: Any) -> np.ndarray:
-        return np.empty(shape, dtype=np.float64)
+    def empty(shape: tuple[int, ...], like: Any, dtype: str = "float64") -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
 
     @staticmethod
     def same_buffer(buf: Any, shape: tuple[int, ...], like: Any) -> bool:
@@ -47,6 +47,11 @@ class NumpyOps:
     @staticmethod
     def max(x: np.ndarray) -> np.ndarray:
         return x.max(axis=-1, keepdims=True)
+
+    @staticmethod
+    def subtract_into(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+        """out = a - b, with `out` of a wider dtype than `a` (the widening costs no extra pass)."""
+        np.subtract(a, b, out=out)
 
     @staticmethod
     def sum(x: np.ndarray, keepdim: bool = True) -> np.ndarray:
@@ -111,10 +116,10 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def empty(shape: tuple[int, ...], like: Any) -> Any:
+    def empty(shape: tuple[int, ...], like: Any, dtype: str = "float64") -> Any:
         import torch
 
-        return torch.empty(shape, dtype=torch.float64, device=like.device)
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
 
     @staticmethod
     def same_buffer(buf: Any, shape: tuple[int, ...], like: Any) -> bool:
@@ -143,6 +148,12 @@ class TorchOps:
     @staticmethod
     def max(x: Any) -> Any:
         return x.amax(dim=-1, keepdim=True)
+
+    @staticmethod
+    def subtract_into(out: Any, a: Any, b: Any) -> None:
+        import torch
+
+        torch.sub(a, b, out=out)
 
     @staticmethod
     def sum(x: Any, keepdim: bool = True) -> Any:

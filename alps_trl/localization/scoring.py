@@ -23,6 +23,7 @@ import contextlib
 import math
 import os
 import sys
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 METRICS = ("pad", "kl", "js", "cosine", "euclidean")
+MATMUL_DTYPES = ("float64", "float32")
 
 # Elements (float64) of one [heads, N] logits chunk (at least one kv group): bounds the working set per
 # step whatever the model size. Small chunks (4 MB: one kv group of a 1B model) stay cache-friendly; each
@@ -204,14 +206,22 @@ def score_layer(
     metric: str = "pad",
     temperature: float = 1.0,
     buffers: dict[str, Any] | None = None,
+    matmul_dtype: str = "float64",
+    parallel: Executor | None = None,
 ) -> Any:
     """Scores of all query heads of one layer.
 
     Args:
         base_qkv, task_qkv: (wq [H, hd, d], wk [KV, hd, d], wv [KV, hd, d]) of any floating dtype, all numpy
-            arrays (CPU) or all torch tensors on one device; each chunk of kv groups is converted to float64
-            before any arithmetic.
-        buffers: optional dict that keeps the float64 scratch buffers between calls (one per model run).
+            arrays (CPU) or all torch tensors on one device; each chunk of kv groups is converted to
+            `matmul_dtype` before any arithmetic.
+        buffers: optional dict that keeps the scratch buffers between calls (one per model run).
+        matmul_dtype: "float64", or "float32" for the logits' matrix products only (several times faster; the
+            logits are then widened and softmax, CDF and distance still run in float64). float32 products
+            carry a relative error of ~1e-7 into the logits: use them where that cannot change what the
+            scores are used for (see `localization.localize.localize_heads`, precision="mixed").
+        parallel: an executor with a free worker: the base model's half of each chunk runs there, the task's
+            here (same results, the two halves touch separate buffers).
     Returns:
         float64 [H], numpy or torch (on the inputs' device) like the inputs.
     """
@@ -221,46 +231,125 @@ def score_layer(
     num_heads, head_dim, hidden = wq_b.shape
     num_kv = wk_b.shape[0]
     group = num_heads // num_kv
-    groups_per_chunk = max(1, min(num_kv, _CHUNK_ELEMENTS // (group * head_dim * hidden)))
-    # Reused float64 buffers: fresh multi-MB allocations cost page faults comparable to the math itself.
+    head_elements = head_dim * hidden
+    groups_per_chunk = max(1, min(num_kv, _CHUNK_ELEMENTS // (group * head_elements)))
+    # A kv group larger than a chunk (8B models: 4 heads x 128 x 4096) is split into chunks of its heads, which
+    # share the group's kv product: smaller working sets, fewer trips to memory for the element-wise passes.
+    heads_per_chunk = group if groups_per_chunk > 1 else max(1, min(group, _CHUNK_ELEMENTS // head_elements))
+    # Reused buffers: fresh multi-MB allocations cost page faults comparable to the math itself.
     buffers = {} if buffers is None else buffers
-    shape = (groups_per_chunk * group, head_dim, hidden)
+    shape = (groups_per_chunk * heads_per_chunk, head_dim, hidden)
     kv_shape = (groups_per_chunk, head_dim, hidden)
-    if "base" not in buffers or not ops.same_buffer(buffers["base"], shape, wq_b):
+    fresh = "base" not in buffers or not ops.same_buffer(buffers["base"], shape, wq_b)
+    if fresh or buffers.get("matmul_dtype") != matmul_dtype:
         buffers.clear()  # drop old buffers before allocating new ones
-        for key in ("base", "task", "wq"):
+        buffers["matmul_dtype"] = matmul_dtype
+        for key in ("base", "task"):
             buffers[key] = ops.empty(shape, wq_b)
+        for key in ("wq_base", "wq_task"):
+            buffers[key] = ops.empty(shape, wq_b, matmul_dtype)
         for key in ("wk", "wv"):
-            buffers[key] = ops.empty(kv_shape, wq_b)
+            buffers[key] = ops.empty(kv_shape, wq_b, matmul_dtype)
+        if matmul_dtype != "float64":
+            for key in ("low_base", "low_task"):
+                buffers[key] = ops.empty(shape, wq_b, matmul_dtype)
+    grouped_b = wq_b.reshape(num_kv, group, head_dim, hidden)
+    grouped_t = wq_t.reshape(num_kv, group, head_dim, hidden)
     out = []
     for g0 in range(0, num_kv, groups_per_chunk):
         g1 = min(num_kv, g0 + groups_per_chunk)
-        rows = slice(g0 * group, g1 * group)
-        n = g1 * group - g0 * group
-        scratch = (buffers["wq"][:n], buffers["wk"][: g1 - g0], buffers["wv"][: g1 - g0])
-        logits_b = _transposed_logits(wq_b[rows], wk_b[g0:g1], wv_b[g0:g1], buffers["base"][:n], scratch)
-        logits_t = _transposed_logits(wq_t[rows], wk_t[g0:g1], wv_t[g0:g1], buffers["task"][:n], scratch)
-        out.append(_transposed_distance(logits_b, logits_t, metric, temperature))
+        kv_b = _kv_products(wk_b[g0:g1], wv_b[g0:g1], buffers)
+        kv_t = _kv_products(wk_t[g0:g1], wv_t[g0:g1], buffers)
+        for h0 in range(0, group, heads_per_chunk):
+            h1 = min(group, h0 + heads_per_chunk)
+            n = (g1 - g0) * (h1 - h0)
+
+            def half(grouped: Any, kv: Any, key: str, n: int = n, g0: int = g0, g1: int = g1, h0: int = h0) -> Any:
+                """One model's float64 logits of the chunk; for "pad" exp'ed in place, with their sums."""
+                low = buffers[f"low_{key}"][:n] if matmul_dtype != "float64" else None
+                target = buffers[key][:n]
+                wq_chunk = grouped[g0:g1, h0 : h0 + n // (g1 - g0)]
+                _transposed_logits(wq_chunk, kv, target if low is None else low, buffers[f"wq_{key}"][:n])
+                if low is not None:
+                    # Widened while shifted by each row's maximum, in one pass: softmax(x) = softmax(x - max x).
+                    flat = low.reshape(n, -1)
+                    ops.subtract_into(target.reshape(n, -1), flat, ops.max(flat))
+                return target, (_exp_shifted_(target, temperature) if metric == "pad" else None)
+
+            if parallel is not None:  # the base half in another thread (numpy and torch release the GIL)
+                pending = parallel.submit(half, grouped_b, kv_b, "base")
+                logits_t, sum_t = half(grouped_t, kv_t, "task")
+                logits_b, sum_b = pending.result()
+            else:
+                logits_b, sum_b = half(grouped_b, kv_b, "base")
+                logits_t, sum_t = half(grouped_t, kv_t, "task")
+            if metric == "pad":
+                out.append(_pad_from_exp(logits_b, logits_t, sum_b, sum_t))
+            else:
+                out.append(_transposed_distance(logits_b, logits_t, metric, temperature))
     return ops.concat(out)
 
 
-def _transposed_logits(wq: Any, wk: Any, wv: Any, out: Any, scratch: tuple[Any, Any, Any]) -> Any:
-    """Wo[h]^T = (Wk[g] @ Wv[g]^T)^T @ Wq[h] for a chunk of kv groups, into `out` [n, hd, d] (float64).
+def _exp_shifted_(logits: Any, temperature: float) -> Any:
+    """e = exp((x - max x) / tau) in place over each of the [n, ...] rows; returns Z = sum(e) [n, 1]."""
+    ops = ops_for(logits)
+    flat = logits.reshape(logits.shape[0], -1)
+    if temperature != 1.0:
+        flat /= temperature
+    flat -= ops.max(flat)
+    ops.exp_(flat)
+    return ops.sum(flat)
+
+
+def _pad_from_exp(e_base: Any, e_task: Any, z_base: Any, z_task: Any) -> Any:
+    """ "pad" from the unnormalized softmax of both models' logits held as Wo^T [n, hd, d] (both overwritten).
+
+    D = P_base - P_task = (e_base - e_task * Z_b / Z_t) / Z_b, the 1 / Z_b applied to the final sum: one pass over
+    the [n, N] arrays fewer than normalizing both.
+    """
+    ops = ops_for(e_base)
+    n = e_base.shape[0]
+    flat_task = e_task.reshape(n, -1)
+    flat_task *= z_base / z_task
+    # cumsum of the difference, not the difference of two cumsums: the CDFs agree to ~1e-9 and their
+    # separate rounding errors (~1e-16 * C) would otherwise swamp small scores.
+    e_base -= e_task
+    return _cdf_gap_sum(ops.cumsum_(e_base, axis=1), z_base)
+
+
+def _kv_products(wk: Any, wv: Any, buffers: dict[str, Any]) -> Any:
+    """(Wv[g] @ Wk[g]^T) for a chunk of kv groups: [G, hd, hd] in the matmul dtype of `buffers`."""
+    ops = ops_for(wk)
+    num = wk.shape[0]
+    wk_m, wv_m = buffers["wk"][:num], buffers["wv"][:num]
+    if wk.dtype == wk_m.dtype:  # already in the matmul dtype (e.g. widened bf16 for float32 products)
+        wk_m, wv_m = wk, wv
+    else:
+        ops.copy_into(wk_m, wk)
+        ops.copy_into(wv_m, wv)
+    return ops.matmul(wv_m, ops.swap_last(wk_m))
+
+
+def _transposed_logits(wq: Any, kv: Any, out: Any, wq_scratch: Any) -> Any:
+    """Wo[h]^T = (Wk[g] @ Wv[g]^T)^T @ Wq[h] for a chunk of heads, into `out` [n, hd, d] (its dtype is the matmul's).
+
+    Args:
+        wq: [G, h, hd, d], h heads of each of G kv groups; kv: [G, hd, hd] from `_kv_products`.
+        wq_scratch: a [n, hd, d] buffer of out's dtype for wq's copy when wq is of another dtype.
 
     The transposed product is a batch of [hd, hd] @ [hd, d] matmuls, several times faster than
     Wq[h]^T @ (Wk Wv^T) with its tall [d, hd] @ [hd, hd] shape; `_transposed_distance` accounts for
-    the layout. `scratch`: float64 buffers of the shapes of wq, wk and wv for their float64 copies.
+    the layout.
     """
     ops = ops_for(out)
-    num_heads, head_dim, hidden = wq.shape
-    num_kv = wk.shape[0]
-    group = num_heads // num_kv
-    wq64, wk64, wv64 = scratch
-    for dst, src in ((wq64, wq), (wk64, wk), (wv64, wv)):
-        ops.copy_into(dst, src)
-    wk, wv = wk64, wv64
-    kv_t = ops.expand(ops.matmul(wv, ops.swap_last(wk))[:, None], (num_kv, group, head_dim, head_dim))
-    ops.matmul(kv_t, wq64.reshape(num_kv, group, head_dim, hidden), out=out.reshape(num_kv, group, head_dim, hidden))
+    num_kv, heads, head_dim, hidden = wq.shape
+    wq_m = wq_scratch.reshape(num_kv, heads, head_dim, hidden)
+    if wq.dtype == wq_m.dtype:
+        wq_m = wq  # multiplied as it is: already in the matmul dtype (e.g. widened bf16 for float32 products)
+    else:
+        ops.copy_into(wq_m, wq)
+    kv_b = ops.expand(kv[:, None], (num_kv, heads, head_dim, head_dim))
+    ops.matmul(kv_b, wq_m, out=out.reshape(num_kv, heads, head_dim, hidden))
     return out
 
 
@@ -272,25 +361,24 @@ def _transposed_distance(logits_base: Any, logits_task: Any, metric: str, temper
     row up to j, computed without transposing back:
         C[i, j] = sum_{i' < i} rowsum[i'] + colcumsum[j, i],  colcumsum = cumsum over the hd axis.
     """
-    ops = ops_for(logits_base)
-    n, head_dim, hidden = logits_base.shape
+    n = logits_base.shape[0]
     if metric != "pad":
         return distribution_distance(logits_base.reshape(n, -1), logits_task.reshape(n, -1), metric, temperature)
-    if temperature != 1.0:
-        logits_base /= temperature
-        logits_task /= temperature
-    p_base = _softmax_(logits_base.reshape(n, -1)).reshape(n, head_dim, hidden)
-    p_task = _softmax_(logits_task.reshape(n, -1)).reshape(n, head_dim, hidden)
-    # cumsum of the difference, not the difference of two cumsums: the CDFs agree to ~1e-9 and their
-    # separate rounding errors (~1e-16 * C) would otherwise swamp small scores.
-    p_base -= p_task
-    partial = ops.cumsum_(p_base, axis=1)  # partial[j, i] = sum_{j' <= j} D[i, j']
+    z_base, z_task = _exp_shifted_(logits_base, temperature), _exp_shifted_(logits_task, temperature)
+    return _pad_from_exp(logits_base, logits_task, z_base, z_task)
+
+
+def _cdf_gap_sum(partial: Any, z_base: Any) -> Any:
+    """sum_i |C_base[i] - C_task[i]| / (N - 1) from partial[j, i] = Z_b * sum_{j' <= j} D[i, j'] ([n, hd, d], float64,
+    overwritten) and Z_b [n, 1]; see `_transposed_distance`."""
+    ops = ops_for(partial)
+    n, head_dim, hidden = partial.shape
     row_sums = partial[:, -1, :]
     rows_before = ops.cumsum(row_sums)  # [n, d]
     rows_before -= row_sums  # sum of rows i' < i
     partial += rows_before[:, None, :]
     partial[:, -1, -1] = 0.0  # the last point (i = d-1, j = hd-1) is not part of the sum
-    return ops.abs_sum(partial.reshape(n, -1)) / (head_dim * hidden - 1)
+    return ops.abs_sum(partial.reshape(n, -1)) / (z_base[:, 0] * (head_dim * hidden - 1))
 
 
 def check_same_shape(base: WeightSource, task: WeightSource) -> None:
@@ -332,10 +420,23 @@ def check_same_shape(base: WeightSource, task: WeightSource) -> None:
             )
 
 
-def open_pair(base: Any, task: Any, trust_remote_code: bool = False) -> tuple[WeightSource, WeightSource]:
-    """Open both models for streaming and check that their shapes match (before any scoring work)."""
-    src_b = open_weight_source(base, trust_remote_code=trust_remote_code)
-    src_t = open_weight_source(task, trust_remote_code=trust_remote_code)
+def open_pair(
+    base: Any,
+    task: Any,
+    trust_remote_code: bool = False,
+    *,
+    fetch: str | None = None,
+    base_revision: str | None = None,
+    task_revision: str | None = None,
+    progress: bool = False,
+) -> tuple[WeightSource, WeightSource]:
+    """Open both models for streaming and check that their shapes match (before any scoring work).
+
+    `fetch`, the revisions and `progress` are those of `open_weight_source` (hub ids not in the local cache).
+    """
+    options = dict(trust_remote_code=trust_remote_code, fetch=fetch, progress=progress)
+    src_b = open_weight_source(base, revision=base_revision, **options)
+    src_t = open_weight_source(task, revision=task_revision, **options)
     check_same_shape(src_b, src_t)
     return src_b, src_t
 
@@ -357,33 +458,61 @@ def score_array(
     device: torch.device | str | None = None,
     progress: bool = False,
     trust_remote_code: bool = False,
+    matmul_dtype: str = "float64",
+    layers: list[int] | None = None,
+    workspace: dict | None = None,
 ) -> np.ndarray:
-    """`score_heads` as a numpy float64 [L, H] array; on CPU with checkpoint inputs torch is never imported."""
+    """`score_heads` as a numpy float64 [L, H] array; on CPU with checkpoint inputs torch is never imported.
+
+    `matmul_dtype`: see `score_layer`. `layers`: score only these layers (the other rows are NaN).
+    `workspace`: a dict that keeps the read and scoring buffers for the next call on models of the same shape
+    (`localize_heads`' second, float64 pass): on a virtual machine the first touch of their pages costs ~2 ms
+    per MB, about 1.4 s for the read buffers of an 8B-shaped pair.
+    """
     metric = validate_metric(metric)
     temperature = validate_temperature(temperature)
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ValueError(f"matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, got {matmul_dtype!r}.")
     dev = resolve_device(device)
     src_b, src_t = open_pair(base, task, trust_remote_code)
     layout = src_b.layout
-    scores = np.empty((layout.num_layers, layout.num_heads), dtype=np.float64)
-    layers = range(layout.num_layers)
+    scores = np.full((layout.num_layers, layout.num_heads), np.nan, dtype=np.float64)
+    layers = range(layout.num_layers) if layers is None else layers
     if progress:
         from tqdm import tqdm
 
         layers = tqdm(layers, desc="Scoring heads", unit="layer")
-    buffers: dict[str, Any] = {}
-    read_buffers: dict[str, dict] = {"base": {}, "task": {}}
+    workspace = {} if workspace is None else workspace
+    buffers: dict[str, Any] = workspace.setdefault("buffers", {})
     if dev == "cpu":
         grad_off = contextlib.nullcontext()
     else:
         import torch
 
         grad_off = torch.no_grad()
-    with grad_off:
-        for layer in layers:
-            # Stored dtype here; score_layer converts chunk by chunk, keeping float64 copies small.
-            base_qkv = _layer_inputs(src_b, layer, dev, read_buffers["base"])
-            task_qkv = _layer_inputs(src_t, layer, dev, read_buffers["task"])
-            row = score_layer(base_qkv, task_qkv, metric, temperature, buffers)
+
+    def read(layer: int, slot: dict) -> tuple[Any, Any]:
+        # Stored dtype here; score_layer converts chunk by chunk, keeping float64 copies small.
+        return _layer_inputs(src_b, layer, dev, slot["base"]), _layer_inputs(src_t, layer, dev, slot["task"])
+
+    # The next layer is read (file reads and bf16 widening, which release the GIL) while this one is scored,
+    # into the other of two sets of read buffers.
+    slots = workspace.setdefault("slots", [{"base": {}, "task": {}}, {"base": {}, "task": {}}])
+    order = list(layers)
+    with (
+        grad_off,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="alps-read") as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="alps-score") as halves,
+    ):
+        pending = pool.submit(read, order[0], slots[0]) if order else None
+        for i, layer in enumerate(layers):
+            base_qkv, task_qkv = pending.result()
+            if i + 1 < len(order):
+                pending = pool.submit(read, order[i + 1], slots[(i + 1) % 2])
+            # Base and task halves in two threads on CPU: two single-threaded streams, which (unlike a multi-threaded
+            # BLAS, see alps-localize --threads) do not wait on each other inside every product.
+            parallel = halves if dev == "cpu" else None
+            row = score_layer(base_qkv, task_qkv, metric, temperature, buffers, matmul_dtype, parallel)
             scores[layer] = row if isinstance(row, np.ndarray) else row.cpu().numpy()
             del base_qkv, task_qkv
     return scores

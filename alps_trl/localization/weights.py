@@ -125,23 +125,36 @@ class _TensorStore:
         return _to_numpy(self.rows(name, start, stop))
 
 
+def parse_header_length(raw: bytes, where: str) -> int:
+    """The header length that a safetensors file's first 8 bytes (`raw`) hold; `where` names the file in errors."""
+    if len(raw) != 8:
+        raise ValueError(f"{where} is not a safetensors file (shorter than its 8-byte header length).")
+    (header_len,) = struct.unpack("<Q", raw)
+    if header_len > 100_000_000:
+        raise ValueError(f"{where} is not a safetensors file (implausible header length {header_len}).")
+    return header_len
+
+
+def parse_header(raw: bytes, where: str) -> dict[str, dict]:
+    """Tensor entries (name -> dtype, shape, data_offsets) of a safetensors header, without ``__metadata__``."""
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where} is not a safetensors file (unreadable header: {err}).") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{where} is not a safetensors file (its header is not a JSON object).")
+    header.pop("__metadata__", None)
+    return header
+
+
 class _SafetensorsFile:
     """One .safetensors file: header parsed once, rows read with positioned reads into a fresh or reused buffer."""
 
     def __init__(self, path: str):
         self.path = path
         with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError(f"{path} is not a safetensors file (shorter than its 8-byte header length).")
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len > 100_000_000:
-                raise ValueError(f"{path} is not a safetensors file (implausible header length {header_len}).")
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ValueError(f"{path} is not a safetensors file (unreadable header: {err}).") from None
-        header.pop("__metadata__", None)
+            header_len = parse_header_length(f.read(8), path)
+            header = parse_header(f.read(header_len), path)
         self.data_start = 8 + header_len
         self.entries: dict[str, dict] = header
 
@@ -169,15 +182,19 @@ class _SafetensorsFile:
         if out is None:
             out = np.empty([stop - start, *shape[1:]], dtype=dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
+        self._read_bytes(name, view[:nbytes], self.data_start + begin + start * row_bytes)
+        return out
+
+    def _read_bytes(self, name: str, view: memoryview, offset: int) -> None:
+        """Fill `view` with the file's bytes from `offset` (a positioned read; `name` is for errors)."""
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.data_start + begin + start * row_bytes)
+            f.seek(offset)
             got = 0
-            while got < nbytes:
+            while got < len(view):
                 n = f.readinto(view[got:])
                 if not n:
                     raise ValueError(f"{self.path} is truncated: tensor {name!r} ends past the end of the file.")
                 got += n
-        return out
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         import torch
@@ -201,12 +218,12 @@ class _SafetensorsFile:
 
 
 class _SafetensorsStore(_TensorStore):
-    """A single safetensors file or a set of shards listed by an index's weight_map."""
+    """A single safetensors file or a set of shards listed by an index's weight_map (paths, or opened files)."""
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str] | list[_SafetensorsFile]):
         self._where: dict[str, _SafetensorsFile] = {}
         for path in paths:
-            shard = _SafetensorsFile(path)
+            shard = path if isinstance(path, _SafetensorsFile) else _SafetensorsFile(path)
             for name in shard.entries:
                 self._where[name] = shard
 
@@ -412,7 +429,28 @@ class WeightSource:
 
 
 # ---- opening --------------------------------------------------------------------------------------
-def open_weight_source(obj: Any, *, config: Any = None, trust_remote_code: bool = False) -> WeightSource:
+FETCH_MODES = ("qkv",)
+
+
+def validate_fetch(fetch: str | None) -> str | None:
+    """`fetch` if it is None (never download) or one of FETCH_MODES; ValueError otherwise."""
+    if fetch is not None and fetch not in FETCH_MODES:
+        raise ValueError(
+            f"Unknown fetch mode {fetch!r}; choose {', '.join(FETCH_MODES)} (read only the q/k/v rows of a hub model "
+            "not in the local cache) or leave it unset (never download)."
+        )
+    return fetch
+
+
+def open_weight_source(
+    obj: Any,
+    *,
+    config: Any = None,
+    trust_remote_code: bool = False,
+    fetch: str | None = None,
+    revision: str | None = None,
+    progress: bool = False,
+) -> WeightSource:
     """Open `obj` for streaming q/k/v reads.
 
     Args:
@@ -425,6 +463,11 @@ def open_weight_source(obj: Any, *, config: Any = None, trust_remote_code: bool 
             directory). For a checkpoint: overrides its config.json.
         trust_remote_code: only consulted when config.json lacks the standard fields and the config
             must be built by transformers' AutoConfig. No model code is ever executed to read weights.
+        fetch: None (default): a hub id must be in the local HF cache, nothing is downloaded. "qkv": a hub id
+            that is not there has its q/k/v rows read with HTTP range requests (and cached, see
+            `alps_trl.localization.remote`).
+        revision: branch, tag or commit of a hub id (default: main).
+        progress: a bar of the bytes fetched (fetch="qkv" only).
     Raises:
         FileNotFoundError: path without config.json or without weights; hub id not in the local cache.
         ValueError: missing q/k/v tensor (named), unsupported architecture (supported ones listed),
@@ -455,7 +498,17 @@ def open_weight_source(obj: Any, *, config: Any = None, trust_remote_code: bool 
                 f"{path!r} is a file; pass the checkpoint directory that holds config.json and the weights (or a "
                 ".gguf file)."
             )
-        local = _resolve_hub_id(path)
+        if validate_fetch(fetch) is None:
+            local = _resolve_hub_id(path, revision)
+        else:
+            local = _resolve_hub_id(path, revision, missing_ok=True)
+            if local is None:
+                from alps_trl.localization.remote import open_remote_source
+
+                cfg = _config_dict(config, trust_remote_code) if config is not None else None
+                return open_remote_source(
+                    path, revision=revision, config=cfg, trust_remote_code=trust_remote_code, progress=progress
+                )
         return _from_directory(local, config, trust_remote_code, name=path)
     raise TypeError(
         f"Cannot read attention weights from a {type(obj).__name__}: pass a checkpoint directory, a hub id in the "
@@ -526,7 +579,11 @@ def _from_directory(path: str, config: Any, trust_remote_code: bool, name: str) 
     cfg = _config_dict(config, trust_remote_code) if config is not None else None
     if cfg is None:
         cfg = _read_config_json(os.path.join(path, "config.json"), trust_remote_code)
-    store = _open_weight_files(path)
+    return source_from_store(_open_weight_files(path), cfg, name)
+
+
+def source_from_store(store: _TensorStore, cfg: dict, name: str) -> WeightSource:
+    """A `WeightSource` over `store`, dequantizing the checkpoints whose config says they are quantized."""
     quantization = cfg.get("quantization_config")
     if quantization:
         store = _dequantizing_store(store, quantization, name)
@@ -610,8 +667,11 @@ def _weight_map(index_path: str) -> dict[str, str]:
     return files
 
 
-def _resolve_hub_id(repo_id: str) -> str:
-    """The local snapshot directory of `repo_id` in the HF cache; never downloads."""
+def _resolve_hub_id(repo_id: str, revision: str | None = None, missing_ok: bool = False) -> str | None:
+    """The local snapshot directory of `repo_id` in the HF cache; never downloads.
+
+    A hub id the cache does not hold raises FileNotFoundError, or gives None with `missing_ok`.
+    """
     looks_like_id = repo_id.count("/") <= 1 and not repo_id.startswith((".", "/", "~"))
     if not looks_like_id:
         raise FileNotFoundError(f"{repo_id!r} does not exist (and is not a hub id).")
@@ -621,14 +681,18 @@ def _resolve_hub_id(repo_id: str) -> str:
 
         return snapshot_download(
             repo_id,
+            revision=revision,
             local_files_only=True,
             allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"],
         )
     except HFValidationError:
         raise FileNotFoundError(f"{repo_id!r} is neither an existing directory nor a valid hub id.") from None
     except Exception as err:  # LocalEntryNotFoundError and friends: the cache does not hold it.
+        if missing_ok:
+            return None
         raise FileNotFoundError(
             f"{repo_id!r} is not a local directory and is not in the local Hugging Face cache "
-            f"({type(err).__name__}). ALPS never downloads: run `huggingface-cli download {repo_id}` first or pass a "
-            "local checkpoint directory."
+            f"({type(err).__name__}). ALPS downloads nothing unless told to: pass --fetch qkv (alps_fetch='qkv') "
+            f"to read only its q/k/v rows from the hub, run `hf download {repo_id}`, or pass a local checkpoint "
+            "directory."
         ) from None

