@@ -151,6 +151,18 @@ class AlpsTrainerMixin:
         """The installed `Restriction` (mask or delta)."""
         return self._alps_restriction
 
+    @property
+    def attention_layout(self) -> AttentionLayout | None:
+        """The model's attention heads as ALPS reads them (layers, heads, q/k/v tensor names); set by the
+        constructor's checks."""
+        return self._alps_layout
+
+    @property
+    def alps_summary(self) -> dict[str, Any] | None:
+        """The startup summary's counts (`Restriction.summary` once the restriction is installed: heads selected,
+        trainable q/k/v parameters, ...), as logged to the trackers; None before localization."""
+        return self._alps_summary
+
     def localize(self, resume_from_checkpoint: str | bool | None = None) -> HeadSelection:
         """Localize heads and install the restriction; a no-op once done. The constructor calls it (with
         ``args.resume_from_checkpoint``); `train` repeats the step for its own ``resume_from_checkpoint``.
