@@ -37,8 +37,6 @@ RECIPE_KINDS = {
     "dpo": RecipeKind("AlpsDPOTrainer", "AlpsDPOConfig", "preference"),
     "grpo": RecipeKind("AlpsGRPOTrainer", "AlpsGRPOConfig", "grpo", takes_rewards=True),
 }
-# recipe kind -> (trainer class name, data kind), as this module named it before RECIPE_KINDS.
-KINDS = {name: (k.trainer, k.data_kind) for name, k in RECIPE_KINDS.items()}
 
 
 def main(kind: str, script_args: Any, training_args: Any, model_args: Any) -> Any:
