@@ -133,6 +133,9 @@ class AlpsTrainerMixin:
         self._alps_summary: dict[str, Any] | None = None  # the startup summary's counts
         self._alps_probe_reference = None  # inside the probe/importance pass: the DPO reference context
         self._alps_gathered_deltas: dict[str, torch.Tensor] | None = None  # deltas gathered for the save in flight
+        # Filled by the DPO and GRPO constructors before they call this one, so kept when already set (None for SFT):
+        self._alps_reference_module = vars(self).get("_alps_reference_module")  # DPO: the parameter-free reference
+        self._alps_beta: float | None = vars(self).get("_alps_beta")  # GRPO: args.beta, hidden from TRL's constructor
 
     # ---- public -------------------------------------------------------------------------------
     @property
