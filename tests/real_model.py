@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 
-from alps_trl.recipes.arguments import DEMO_INSTALL, DEMO_MODEL_DISTRIBUTION
+from alps_trl.recipes.demo import DEMO_INSTALL, DEMO_MODEL_DISTRIBUTION
 
 SKIP_REASON = f"SmolLM2-135M-Instruct is not installed ({DEMO_INSTALL})"
 

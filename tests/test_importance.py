@@ -193,15 +193,26 @@ def test_bad_options_are_refused_before_training(tmp_path):
         sft_config(str(tmp_path), alps_metric="importance", alps_importance_batches=0)
 
 
-def test_sharded_backends_are_refused():
-    from types import SimpleNamespace
+def test_sharded_backends_are_refused(tmp_path, monkeypatch):
+    """Constructing an importance run under FSDP or DeepSpeed fails in the preflight, before any scoring (the
+    flags are set where transformers sets them, so no sharded backend has to start on CPU)."""
+    import transformers
 
-    from alps_trl.trainers.mixin import AlpsTrainerMixin
+    from alps_trl.localization import importance
 
+    original = transformers.Trainer.create_accelerator_and_postprocess
+    monkeypatch.setattr(importance, "head_importance", lambda *a, **k: pytest.fail("importance ran"))
     for fsdp, deepspeed in ((True, False), (False, True)):
-        trainer = SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=deepspeed)
+
+        def create_accelerator(self, fsdp=fsdp, deepspeed=deepspeed):
+            original(self)
+            self.is_fsdp_enabled, self.is_deepspeed_enabled = fsdp, deepspeed
+
+        monkeypatch.setattr(transformers.Trainer, "create_accelerator_and_postprocess", create_accelerator)
+        args = sft_config(str(tmp_path), alps_metric="importance")
         with pytest.raises(ValueError, match="unsharded model.*pass alps_heads"):
-            AlpsTrainerMixin._alps_check_importance_possible(trainer)
+            AlpsSFTTrainer(model=tiny_model("llama"), args=args, train_dataset=sft_dataset(),
+                           processing_class=tiny_tokenizer())  # fmt: skip
 
 
 def _train_by_importance(trainer_cls, args, dataset):

@@ -224,3 +224,36 @@ def test_trainer_saves_the_adapter_that_transformers_loads(tmp_path, mode):
     torch.testing.assert_close(_logits(base), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(out)), expected, rtol=0, atol=1e-5)
     assert f"PEFT adapter: {out / 'adapter'}" in output_lines(str(out))
+
+
+def test_trainer_uniform_rank_adapter_has_one_rank(tmp_path):
+    """alps_adapter_uniform_rank=True through the trainer: adapter_config.json names one rank (the largest
+    per-module one) and no rank_pattern, every saved lora_A/lora_B has that rank, and it is the trained update."""
+    from trainer_helpers import sft_config, sft_dataset, tiny_tokenizer
+
+    from alps_trl.trainers.sft import AlpsSFTTrainer
+
+    model = tiny_model("llama")
+    args = sft_config(str(tmp_path / "out"), alps_save_adapter=True, alps_adapter_uniform_rank=True,
+                      alps_train_non_attention=False, max_steps=2)  # fmt: skip
+    trainer = AlpsSFTTrainer(model=model, args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer(),
+                             head_selection=selection_for(model))  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    adapter = tmp_path / "out" / "adapter"
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    per_module = _export(trainer.model, trainer.restriction, tmp_path / "per_module")
+    assert len(set(per_module.ranks.values())) > 1  # two query heads in layer 0: q_proj has rank 16, the rest 8
+    assert config["r"] == config["lora_alpha"] == per_module.max_rank and not config["rank_pattern"]
+    with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as f:
+        ranks = {}
+        for key in f.keys():
+            shape = f.get_slice(key).get_shape()
+            if ".lora_A." in key:
+                ranks[key] = shape[0]
+            elif ".lora_B." in key:
+                ranks[key] = shape[1]
+    assert len(ranks) == 2 * len(per_module.ranks) and set(ranks.values()) == {config["r"]}
+    base = tiny_model("llama")
+    base.load_adapter(str(adapter))
+    torch.testing.assert_close(_logits(base), _logits(trainer.model), rtol=0, atol=1e-5)

@@ -1,6 +1,7 @@
 """The private APIs listed in alps_trl.trainers.private_api exist in the installed packages with the signatures
 alps_trl relies on: an upgrade that moves one fails here, with its name, not somewhere inside a training run."""
 
+import ast
 import importlib
 import inspect
 import pathlib
@@ -88,6 +89,91 @@ def test_every_private_use_in_the_package_is_listed():
 
 
 REPO = pathlib.Path(alps_trl.__file__).parent.parent
+
+
+_VERSION_CALLS = {"Version", "LooseVersion", "StrictVersion", "parse_version"}
+_VERSION_NAMES = {"__version__", "version_info"}
+
+
+def _looks_at_a_version(node: ast.AST) -> bool:
+    """A name or call that yields a package's version: `x.__version__`, `sys.version_info`, `version("pkg")` /
+    `importlib.metadata.version(...)`."""
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Attribute) and sub.attr in _VERSION_NAMES:
+            return True
+        if isinstance(sub, ast.Name) and sub.id in _VERSION_NAMES:
+            return True
+        if isinstance(sub, ast.Call):
+            func = sub.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name == "version":
+                return True
+    return False
+
+
+def version_checks(source: str) -> list[int]:
+    """Line numbers in `source` that compare versions: `Version(...)`/`version.parse(...)`/`parse_version(...)`,
+    transformers' `is_*_version`/`*_greater_or_equal` helpers, an import of `packaging.version`, or a comparison
+    with a looked-up version (`__version__`, `version_info`, `importlib.metadata.version(...)`).
+
+    Defining `__version__ = "..."` or reading package metadata without comparing it is not a check."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else ""
+            if (
+                name in _VERSION_CALLS
+                or (name == "parse" and owner == "version")
+                or re.fullmatch(r"is_\w+_version|\w+_greater_or_equal(?:_than)?", name)
+            ):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("packaging"):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Import) and any(a.name.startswith("packaging") for a in node.names):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Compare) and any(
+            _looks_at_a_version(operand) for operand in (node.left, *node.comparators)
+        ):
+            lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def test_version_check_finder():
+    """The finder below catches the usual ways of comparing versions and leaves metadata lookups alone."""
+    flagged = [
+        "from packaging.version import Version\nif Version(transformers.__version__) >= Version('5.18.0'): pass",
+        "import packaging.version\nok = packaging.version.parse(v) > x",
+        "ok = torch.__version__ >= '2.6'",
+        "ok = sys.version_info < (3, 11)",
+        "ok = importlib.metadata.version('trl').startswith('1.') or version('trl') == '1.16.0'",
+        "ok = is_transformers_version('>=', '5.23')",
+        "ok = is_torch_greater_or_equal('2.6')",
+    ]
+    for source in flagged:
+        assert version_checks(source), source
+    fine = [
+        '__version__ = "0.1.0"',
+        "dist = importlib.metadata.distribution('gguf')",
+        "name = dist.metadata['Name']\nv = importlib.metadata.version('gguf')",
+        "x = config.version == 2",
+    ]
+    for source in fine:
+        assert not version_checks(source), source
+
+
+def test_no_version_checks_outside_private_api():
+    """Only alps_trl/trainers/private_api.py may look at a version (its shims handle what differs between the
+    supported ones); a check anywhere else is listed with its file and line."""
+    package = pathlib.Path(alps_trl.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path == package / "trainers" / "private_api.py":
+            continue
+        for line in version_checks(path.read_text()):
+            found.append(f"{path.relative_to(REPO)}:{line}")
+    assert not found, f"version checks outside alps_trl/trainers/private_api.py: {found}"
 
 
 def _minor(version: str) -> tuple[int, int]:

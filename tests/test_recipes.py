@@ -20,8 +20,7 @@ from recipe_helpers import (
     split_command,
 )
 
-from alps_trl.recipes import arguments as recipe_utils
-from alps_trl.recipes import loading
+from alps_trl.recipes import arguments, demo, loading, report
 
 RECIPES = recipe_yamls()
 PAPER_SFT = [r for r in RECIPES if "/dpo/" not in r and "/grpo/" not in r]
@@ -155,7 +154,7 @@ def test_fsdp_recipes_do_not_rely_on_the_probe_in_one_step():
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_demo_defaults_are_all_consumed_by_the_parser(script):
     parser = load_script(script).make_parser()
-    assert parser.set_defaults_with_config(**recipe_utils.demo_defaults(SCRIPTS[script])) == []
+    assert parser.set_defaults_with_config(**demo.demo_defaults(SCRIPTS[script])) == []
 
 
 def test_no_arguments_means_demo_and_cli_overrides_demo_defaults():
@@ -184,14 +183,14 @@ def test_toy_configs_name_a_random_init_model():
 
 
 def test_is_demo_run(tmp_path):
-    assert recipe_utils.is_demo_run([])
-    assert not recipe_utils.is_demo_run(["--model_name_or_path", "x"])
-    assert not recipe_utils.is_demo_run(["--model_name_or_path=x"])
+    assert arguments.is_demo_run([])
+    assert not arguments.is_demo_run(["--model_name_or_path", "x"])
+    assert not arguments.is_demo_run(["--model_name_or_path=x"])
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model_name_or_path: some/model\n")
-    assert not recipe_utils.is_demo_run(["--config", str(cfg)])
+    assert not arguments.is_demo_run(["--config", str(cfg)])
     cfg.write_text("learning_rate: 0.1\n")
-    assert recipe_utils.is_demo_run(["--config", str(cfg)])
+    assert arguments.is_demo_run(["--config", str(cfg)])
 
 
 # ---- bad input fails early, naming the key -------------------------------------------------------------------------
@@ -249,13 +248,13 @@ def test_missing_eval_split_is_named(tmp_path):
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     script_args, _, _ = parse_script_args("recipes/sft_alps.py", ["--dataset_name", str(data)])
     with pytest.raises(ValueError, match=r"Evaluation needs split 'test'.*\['train'\]"):
-        recipe_utils.prepare_datasets(script_args, "sft", want_eval=True)
+        loading.prepare_datasets(script_args, "sft", want_eval=True)
 
 
 def test_use_peft_is_refused():
     _, _, model_args = parse_script_args("recipes/sft_alps.py", ["--use_peft", "true"])
     with pytest.raises(ValueError, match="--use_peft is not supported"):
-        recipe_utils.check_no_peft(model_args)
+        arguments.check_no_peft(model_args)
 
 
 def test_adapter_export_of_a_run_that_trains_the_rest_is_refused_before_loading():
@@ -264,13 +263,13 @@ def test_adapter_export_of_a_run_that_trains_the_rest_is_refused_before_loading(
         "recipes/sft_alps.py", argv + ["--alps_train_non_attention", "true"]
     )
     with pytest.raises(ValueError, match="the MLP, norms and embeddings move too"):
-        recipe_utils.check_adapter_export(training_args, model_args)
+        arguments.check_adapter_export(training_args, model_args)
     _, training_args, model_args = parse_script_args("recipes/sft_alps.py", argv + ["--load_in_4bit", "true"])
-    recipe_utils.check_adapter_export(training_args, model_args)  # a 4-bit base trains only the deltas
+    arguments.check_adapter_export(training_args, model_args)  # a 4-bit base trains only the deltas
     _, training_args, model_args = parse_script_args(
         "recipes/sft_alps.py", argv + ["--alps_train_non_attention", "false"]
     )
-    recipe_utils.check_adapter_export(training_args, model_args)
+    arguments.check_adapter_export(training_args, model_args)
 
 
 # ---- model loading helpers ------------------------------------------------------------------------------------------
@@ -285,11 +284,11 @@ def test_flash_attention_falls_back_to_sdpa_with_one_warning(monkeypatch, caplog
 
     hf_logging.warning_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="alps_trl.recipes.loading"):
-        assert recipe_utils.resolve_attn_implementation("flash_attention_2") == "sdpa"
-        assert recipe_utils.resolve_attn_implementation("flash_attention_2") == "sdpa"
+        assert loading.resolve_attn_implementation("flash_attention_2") == "sdpa"
+        assert loading.resolve_attn_implementation("flash_attention_2") == "sdpa"
     assert sum("flash_attention_2" in r.getMessage() for r in caplog.records) == 1
-    assert recipe_utils.resolve_attn_implementation("eager") == "eager"
-    assert recipe_utils.resolve_attn_implementation(None) is None
+    assert loading.resolve_attn_implementation("eager") == "eager"
+    assert loading.resolve_attn_implementation(None) is None
 
 
 def test_flash_attention_on_a_gpu_older_than_it_supports_falls_back(monkeypatch, caplog):
@@ -304,10 +303,10 @@ def test_flash_attention_on_a_gpu_older_than_it_supports_falls_back(monkeypatch,
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
     hf_logging.warning_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="alps_trl.recipes.loading"):
-        assert recipe_utils.resolve_attn_implementation("flash_attention_2") == "sdpa"
+        assert loading.resolve_attn_implementation("flash_attention_2") == "sdpa"
     assert "Tesla T4 has compute capability 7.5, and flash_attention_2 needs 8.0 or newer" in caplog.text
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    assert recipe_utils.resolve_attn_implementation("flash_attention_2") == "flash_attention_2"
+    assert loading.resolve_attn_implementation("flash_attention_2") == "flash_attention_2"
 
 
 def test_bf16_on_a_gpu_without_bf16_stops_with_what_to_change(monkeypatch):
@@ -327,28 +326,28 @@ def test_kbit_device_map_and_model_init_kwargs():
     import torch
 
     expected = {"": 0} if torch.cuda.is_available() else "cpu"
-    assert recipe_utils.kbit_device_map() == expected
+    assert loading.kbit_device_map() == expected
     _, args, model_args = parse_script_args(
         "recipes/sft_alps.py", ["--model_name_or_path", "some/model", "--attn_implementation", "sdpa"]
     )
-    kwargs = recipe_utils.model_init_kwargs(model_args, args)
+    kwargs = loading.model_init_kwargs(model_args, args)
     assert kwargs["attn_implementation"] == "sdpa" and kwargs["trust_remote_code"] is False
 
 
 def test_report_lines():
     before = {"eval_loss": 4.0, "eval_mean_token_accuracy": 0.1, "eval_runtime": 1.0}
     after = {"eval_loss": 1.0, "eval_mean_token_accuracy": 0.5, "eval_runtime": 2.0}
-    assert recipe_utils.loss_lines(before, after) == [
+    assert report.loss_lines(before, after) == [
         "eval_loss: before 4.0000 -> after 1.0000 (-75.0%)",
         "eval_mean_token_accuracy: before 0.1000 -> after 0.5000",
     ]
-    assert recipe_utils.loss_lines(None, after) == []
+    assert report.loss_lines(None, after) == []
 
 
 def test_4bit_base_through_the_script_on_cpu(tmp_path):
     """The quantized branch: the script loads the 4-bit base itself, skips the eval-before on CPU, saves deltas."""
     pytest.importorskip("bitsandbytes")
-    model, tokenizer = recipe_utils.build_demo_model(os.path.join(REPO, "recipes", "demo", "model"), seed=0)
+    model, tokenizer = loading.build_demo_model(os.path.join(REPO, "recipes", "demo", "model"), seed=0)
     base = tmp_path / "base"
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)

@@ -222,3 +222,27 @@ def test_smollm2_over_loopback_is_bit_identical(smollm2_dir, hub, tmp_path):
     assert hub.bytes_served <= qkv_b + head_b + qkv_t + head_t + 2 * SMALL_FILES_BUDGET
     top3 = sorted(np.argsort(-local.ravel())[:3])
     assert [divmod(int(i), src.layout.num_heads) for i in top3] == [(2, 1), (11, 7), (25, 4)]
+
+
+def test_trainer_localizes_against_a_hub_task_model(pair, hub, tmp_path):
+    """AlpsSFTTrainer(alps_task_model=<hub id>, alps_fetch="qkv"): the task model is read from the hub (q/k/v only)
+    and gives the same heads as the same checkpoint read from its local directory."""
+    from trainer_helpers import sft_config, sft_dataset, tiny_tokenizer
+
+    from alps_trl.trainers.sft import AlpsSFTTrainer
+
+    hub.add_repo("acme/task", str(pair / "task"))
+
+    def trainer(name: str, task: str, **options):
+        args = sft_config(str(tmp_path / name), alps_task_model=task, **options)
+        return AlpsSFTTrainer(model=tiny_model("llama", seed=0), args=args, train_dataset=sft_dataset(),
+                              processing_class=tiny_tokenizer())  # fmt: skip
+
+    remote = trainer("remote", "acme/task", alps_fetch="qkv")
+    assert remote.head_source == "alps_task_model"
+    qkv, headers = _qkv_and_header_bytes(pair / "task")
+    assert qkv + headers <= hub.bytes_served <= qkv + headers + SMALL_FILES_BUDGET
+    local = trainer("local", str(pair / "task"))
+    assert local.head_source == "alps_task_model"
+    assert remote.head_selection == local.head_selection
+    assert {(0, 3), (1, 6)} <= set(map(tuple, remote.head_selection.heads))  # the heads the task copy moved

@@ -101,7 +101,7 @@ def test_selection_summary_reaches_the_trackers(mask_run):
 
 def test_startup_summary_counts(mask_run):
     trainer, _, _, _ = mask_run
-    summary = trainer._alps_summary
+    summary = trainer.alps_summary
     assert summary["heads_selected"] == len(trainer.head_selection.heads) == 2  # ceil(0.1 * 16)
     assert 0 < summary["trainable_qkv_params"] < summary["qkv_params_total"]
 
@@ -301,7 +301,7 @@ def test_construction_localizes_and_installs(mode, tmp_path, monkeypatch):
     assert selection is not None and trainer.restriction is not None
     assert (tmp_path / "alps_heads.json").is_file()
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    layout = trainer._alps_layout
+    layout = trainer.attention_layout
     if mode == "delta":
         assert trainable == trainer.restriction.trainable_restricted_entries()
     else:  # whole q/k/v tensors that hold a selected row take gradients; the rest of the network is frozen

@@ -103,7 +103,7 @@ def test_resume_with_a_different_selection_is_refused(tmp_path):
     )
     trainer.state.global_step = 1  # as if it had trained its random heads already
     with pytest.raises(ValueError, match="other ALPS heads"):
-        trainer._alps_setup(str(checkpoint))
+        trainer.localize(resume_from_checkpoint=str(checkpoint))
 
 
 def test_optimizer_instance_is_refused(tmp_path):

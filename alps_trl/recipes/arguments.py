@@ -3,8 +3,7 @@
 `AlpsScriptArguments` (TRL's `ScriptArguments` fields plus data format, evaluation and GGUF options), the refusal
 of unknown `alps_*` keys, whether a run is the built-in demo, `parse_recipe_args` (TRL's `--config` YAML plus CLI
 overrides, demo defaults first) and the PEFT refusal. The rest of what the recipes share lives beside it:
-`loading` (models and datasets), `demo` (the offline demo's defaults), `report` (the end-of-run summary); their
-names stay importable from here.
+`loading` (models and datasets), `demo` (the offline demo's defaults), `report` (the end-of-run summary).
 """
 
 from __future__ import annotations
@@ -16,40 +15,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from alps_trl.recipes.data import FORMAT_CHOICES, TEMPLATES
-from alps_trl.recipes.demo import (
-    DEMO_DATA,
-    DEMO_INSTALL,
-    DEMO_MODEL_DISTRIBUTION,
-    DEMO_MODEL_NAME,
-    demo_defaults,
-    demo_model_file,
-)
-from alps_trl.recipes.loading import (
-    DATA_FILE_BUILDERS,
-    FLASH_ATTN_MIN_CAPABILITY,
-    build_demo_model,
-    kbit_device_map,
-    load_model,
-    load_model_and_tokenizer,
-    load_raw_dataset,
-    model_init_kwargs,
-    prepare_datasets,
-    resolve_attn_implementation,
-    resolve_recipe_model,
-)
-from alps_trl.recipes.report import (
-    REPORTED_METRICS,
-    evaluate_before_training,
-    generation_blocker,
-    loss_lines,
-    model_line,
-    output_lines,
-    selection_line,
-    summary_lines,
-    trainable_lines,
-)
+from alps_trl.recipes.demo import demo_defaults, demo_model_file
 
-# This module's own names, and those of the modules split from it (imported from here before the split).
 __all__ = [
     "AlpsScriptArguments",
     "check_alps_options",
@@ -57,32 +24,6 @@ __all__ = [
     "parse_recipe_args",
     "check_no_peft",
     "check_adapter_export",
-    "DEMO_DATA",
-    "DEMO_INSTALL",
-    "DEMO_MODEL_DISTRIBUTION",
-    "DEMO_MODEL_NAME",
-    "demo_defaults",
-    "demo_model_file",
-    "DATA_FILE_BUILDERS",
-    "FLASH_ATTN_MIN_CAPABILITY",
-    "build_demo_model",
-    "kbit_device_map",
-    "load_model",
-    "load_model_and_tokenizer",
-    "load_raw_dataset",
-    "model_init_kwargs",
-    "prepare_datasets",
-    "resolve_attn_implementation",
-    "resolve_recipe_model",
-    "REPORTED_METRICS",
-    "evaluate_before_training",
-    "generation_blocker",
-    "loss_lines",
-    "model_line",
-    "output_lines",
-    "selection_line",
-    "summary_lines",
-    "trainable_lines",
 ]
 
 

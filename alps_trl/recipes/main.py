@@ -37,15 +37,10 @@ RECIPE_KINDS = {
     "dpo": RecipeKind("AlpsDPOTrainer", "AlpsDPOConfig", "preference"),
     "grpo": RecipeKind("AlpsGRPOTrainer", "AlpsGRPOConfig", "grpo", takes_rewards=True),
 }
-# recipe kind -> (trainer class name, data kind), as this module named it before RECIPE_KINDS.
-KINDS = {name: (k.trainer, k.data_kind) for name, k in RECIPE_KINDS.items()}
 
 
 def main(kind: str, script_args: Any, training_args: Any, model_args: Any) -> Any:
     """Run one recipe of `kind` ("sft", "dpo" or "grpo"); returns the trainer."""
-    import transformers
-    from packaging.version import Version
-
     import alps_trl
 
     recipe = RECIPE_KINDS[kind]
@@ -98,8 +93,7 @@ def main(kind: str, script_args: Any, training_args: Any, model_args: Any) -> An
 
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    if Version(transformers.__version__) >= Version("5.18.0"):
-        trainer.end()
+    trainer.end()  # every supported transformers (>= 5.22) has Trainer.end
     return trainer
 
 

@@ -47,7 +47,8 @@ class AlpsArguments:
         default=None,
         metadata={
             "help": "A model of the same architecture already tuned for the task (local dir, .gguf file or cached hub "
-            "id). Its q/k/v weights are compared with the checkpoint the trained model was loaded from to score heads."
+            "id; with alps_fetch='qkv' also a hub id that is not cached, of which only the q/k/v bytes are read). Its "
+            "q/k/v weights are compared with the checkpoint the trained model was loaded from to score heads."
         },
     )
     alps_fetch: str | None = field(

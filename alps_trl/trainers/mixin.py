@@ -133,6 +133,9 @@ class AlpsTrainerMixin:
         self._alps_summary: dict[str, Any] | None = None  # the startup summary's counts
         self._alps_probe_reference = None  # inside the probe/importance pass: the DPO reference context
         self._alps_gathered_deltas: dict[str, torch.Tensor] | None = None  # deltas gathered for the save in flight
+        # Filled by the DPO and GRPO constructors before they call this one, so kept when already set (None for SFT):
+        self._alps_reference_module = vars(self).get("_alps_reference_module")  # DPO: the parameter-free reference
+        self._alps_beta: float | None = vars(self).get("_alps_beta")  # GRPO: args.beta, hidden from TRL's constructor
 
     # ---- public -------------------------------------------------------------------------------
     @property
@@ -150,6 +153,18 @@ class AlpsTrainerMixin:
     def restriction(self):
         """The installed `Restriction` (mask or delta)."""
         return self._alps_restriction
+
+    @property
+    def attention_layout(self) -> AttentionLayout | None:
+        """The model's attention heads as ALPS reads them (layers, heads, q/k/v tensor names); set by the
+        constructor's checks."""
+        return self._alps_layout
+
+    @property
+    def alps_summary(self) -> dict[str, Any] | None:
+        """The startup summary's counts (`Restriction.summary` once the restriction is installed: heads selected,
+        trainable q/k/v parameters, ...), as logged to the trackers; None before localization."""
+        return self._alps_summary
 
     def localize(self, resume_from_checkpoint: str | bool | None = None) -> HeadSelection:
         """Localize heads and install the restriction; a no-op once done. The constructor calls it (with

