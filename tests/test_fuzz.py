@@ -29,6 +29,7 @@ from fuzz_harness import (
     split_safetensors,
     truncate,
     write,
+    write_gguf,
 )
 
 from alps_trl.localization.selection import HeadSelection
@@ -39,35 +40,6 @@ QKV = [f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in 
 
 
 # ---- the unmutated files ------------------------------------------------------------------------------------
-def write_gguf(model: torch.nn.Module, path: str) -> None:
-    """A small llama GGUF of a tiny model's attention (F32 q/k, F16 v, a Q8_0 token embedding)."""
-    import gguf
-
-    cfg = model.config
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("tiny")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_context_length(256)
-    emb = model.model.embed_tokens.weight.detach().numpy()[:64].copy()
-    w.add_tensor(
-        "token_embd.weight",
-        gguf.quantize(emb, gguf.GGMLQuantizationType.Q8_0),
-        raw_dtype=gguf.GGMLQuantizationType.Q8_0,
-    )
-    for i, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        w.add_tensor(f"blk.{i}.attn_q.weight", attn.q_proj.weight.detach().numpy().copy())
-        w.add_tensor(f"blk.{i}.attn_k.weight", attn.k_proj.weight.detach().numpy().copy())
-        w.add_tensor(f"blk.{i}.attn_v.weight", attn.v_proj.weight.detach().numpy().astype(np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The real files the fuzzer mutates, and the results of the unmutated ones."""
