@@ -239,8 +239,8 @@ def test_truncated_safetensors_is_reported(tmp_path, pair_dirs):
     raw = (dirs["base_single"] / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "config.json").write_text((dirs["base_single"] / "config.json").read_text())
-    src = open_weight_source(str(tmp_path))
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ValueError, match="truncated"):  # refused when opened: a tensor ends past the file
+        src = open_weight_source(str(tmp_path))
         for layer in range(src.layout.num_layers):
             src.layer_qkv(layer)
 

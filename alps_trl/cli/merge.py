@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             adapter = delta_file_to_adapter(args.base, args.delta, args.output, uniform_rank=args.uniform_rank)
         else:
             out = merge_delta_checkpoint(args.base, args.delta, args.output)
-    except (FileNotFoundError, ValueError, KeyError, ImportError) as err:
+    except (OSError, ValueError, KeyError, ImportError) as err:
         print(f"alps-merge: error: {err}", file=sys.stderr)
         return 2
     if args.to_peft:

@@ -47,6 +47,48 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 }
 
 
+# Plausibility bounds of a config's counts: far above any real model, low enough that a corrupt value is refused
+# before it drives a loop or an allocation.
+MAX_LAYERS = 10_000
+MAX_HEADS = 65_536
+MAX_HIDDEN = 1 << 24
+
+
+def _count(cfg: dict, key: str, value: Any, limit: int) -> int:
+    """`value` (a config field) as a positive int no larger than `limit`, or a ValueError naming `key`."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+        raise ValueError(f"The config's {key}={str(value)[:50]} is not a positive integer (at most {limit}).")
+    return value
+
+
+def head_counts(cfg: dict) -> tuple[int, int, int, int, int]:
+    """(num_layers, num_heads, num_kv_heads, hidden_size, head_dim) of a config dict, checked.
+
+    Every count must be a positive integer within the MAX_* bounds, num_key_value_heads must divide
+    num_attention_heads, and without an explicit head_dim num_attention_heads must divide hidden_size.
+    Raises ValueError saying which field is wrong.
+    """
+    num_layers = _count(cfg, "num_hidden_layers", cfg.get("num_hidden_layers"), MAX_LAYERS)
+    num_heads = _count(cfg, "num_attention_heads", cfg.get("num_attention_heads"), MAX_HEADS)
+    kv_value = cfg.get("num_key_value_heads")
+    num_kv = num_heads if kv_value is None else _count(cfg, "num_key_value_heads", kv_value, MAX_HEADS)
+    hidden = _count(cfg, "hidden_size", cfg.get("hidden_size"), MAX_HIDDEN)
+    if not cfg.get("head_dim"):  # absent, null or 0: derived, as transformers does
+        if hidden % num_heads:
+            raise ValueError(
+                f"The config's hidden_size={hidden} is not a multiple of num_attention_heads={num_heads} (and it "
+                "gives no head_dim)."
+            )
+        head_dim = hidden // num_heads
+    else:
+        head_dim = _count(cfg, "head_dim", cfg.get("head_dim"), MAX_HIDDEN)
+    if num_heads % num_kv:
+        raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv}.")
+    return num_layers, num_heads, num_kv, hidden, head_dim
+
+
 class UnsupportedArchitectureError(ValueError):
     """Raised for a model_type that has no entry in `ARCHITECTURES`."""
 
@@ -145,18 +187,13 @@ class AttentionLayout:
         model_type = cfg.get("model_type")
         if not model_type:
             raise ValueError("The config has no model_type; ALPS needs it to find the attention projections.")
+        if not isinstance(model_type, str):
+            raise ValueError(f"The config's model_type is {str(model_type)[:50]!r}, not a string.")
         spec = get_spec(model_type)
         for key in ("num_hidden_layers", "num_attention_heads", "hidden_size"):
             if key not in cfg:
                 raise ValueError(f"The {model_type} config lacks {key!r}; cannot derive the attention layout.")
-        num_layers = int(cfg["num_hidden_layers"])
-        num_heads = int(cfg["num_attention_heads"])
-        num_kv = int(cfg.get("num_key_value_heads") or num_heads)
-        hidden = int(cfg["hidden_size"])
-        head_dim = int(cfg.get("head_dim") or hidden // num_heads)
-        if num_heads % num_kv:
-            raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv}.")
-
+        num_layers, num_heads, num_kv, hidden, head_dim = head_counts(cfg)
         names = set(tensor_names) if tensor_names is not None else None
         prefix_fmt = spec.layer_prefix
         if names is not None:
@@ -164,6 +201,14 @@ class AttentionLayout:
         layers = tuple(
             _layer_projections(spec, prefix_fmt, i, num_heads, num_kv, head_dim, cfg, names) for i in range(num_layers)
         )
+        if names is not None:
+            probe = f".{spec.fused_qkv or spec.q}.weight"
+            if prefix_fmt.format(layer=num_layers) + probe in names:
+                extra = prefix_fmt.format(layer=num_layers) + probe
+                raise ValueError(
+                    f"The checkpoint has attention tensors of layer {num_layers} ({extra}), but the config says "
+                    f"num_hidden_layers={num_layers}: the config is not this checkpoint's."
+                )
         return cls(
             model_type, num_layers, num_heads, num_kv, head_dim, hidden, layers, fused=spec.fused_qkv is not None
         )

@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import mmap
 import os
 import shutil
+import struct
 import tempfile
 from typing import Any
 
@@ -141,12 +143,20 @@ def convert_gguf(path: str, cache_dir: str | None = None, dtype: str = "float32"
     target = converted_dir(path, cache_dir, digest)
     if is_converted(target):
         return target
-    _require_gguf()
+    open_gguf_reader(path)  # a malformed file is refused here, in one line, before transformers reads it
     folder, name = os.path.split(path)
     logger.warning(f"ALPS: converting {name} to a standard checkpoint in {target} (once; later runs reuse it).")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
-    strip_gguf_quantizer(model)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
+        strip_gguf_quantizer(model)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (MemoryError, ImportError):
+        raise
+    except Exception as err:  # noqa: BLE001 - transformers' GGUF loader raises anything on a file it cannot use
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(
+            f"{path}: transformers cannot load this GGUF file ({type(err).__name__}: {message[:200]})."
+        ) from None
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(target))
     try:
@@ -209,6 +219,180 @@ def _require_gguf():
     return gguf
 
 
+# ---- checking a GGUF file's layout before the gguf package parses it ------------------------------------------
+# The gguf package trusts the counts and lengths a file claims: an array that claims 2**60 elements past the end of
+# the file loops for ever, and anything malformed raises whatever numpy or struct raise. `check_gguf_layout` walks
+# the header first with every count and length bounded by the bytes left, and `open_gguf_reader` turns whatever
+# the package still raises into one ValueError naming the file.
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_VERSIONS = (2, 3)
+_GGUF_MAX_DIMS = 4
+_GGUF_MAX_NESTING = 4
+
+
+class _GGUFLayoutError(ValueError):
+    pass
+
+
+class _Cursor:
+    """Bounded little/big-endian reads from a memory-mapped file: reading past the end is a _GGUFLayoutError."""
+
+    def __init__(self, buf: Any, order: str):
+        self.buf, self.order, self.pos, self.size = buf, order, 0, len(buf)
+
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def take(self, fmt: str, what: str) -> int:
+        n = struct.calcsize(fmt)
+        if n > self.left():
+            raise _GGUFLayoutError(f"it ends inside {what} (byte {self.pos} of {self.size})")
+        (value,) = struct.unpack_from(self.order + fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def skip(self, n: int, what: str) -> None:
+        if n > self.left():
+            raise _GGUFLayoutError(f"{what} claims {n} bytes, but only {self.left()} are left in the file")
+        self.pos += n
+
+    def string(self, what: str) -> bytes:
+        n = self.take("Q", f"the length of {what}")
+        start = self.pos
+        self.skip(n, what)
+        return bytes(self.buf[start : self.pos])
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype in _GGUF_SCALARS:
+            size = _GGUF_SCALARS[vtype]
+            fmt = {1: "B", 2: "H", 4: "I", 8: "Q"}[size]
+            return self.take(fmt, what)
+        if vtype == _GGUF_STRING:
+            raw = self.string(what)
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _GGUFLayoutError(f"{what} is not UTF-8 text") from None
+        if vtype == _GGUF_ARRAY:
+            if depth >= _GGUF_MAX_NESTING:
+                raise _GGUFLayoutError(f"{what} nests arrays more than {_GGUF_MAX_NESTING} deep")
+            itype = self.take("I", f"the item type of {what}")
+            count = self.take("Q", f"the length of {what}")
+            if itype in _GGUF_SCALARS:
+                self.skip(count * _GGUF_SCALARS[itype], f"{what} ({count} items)")
+                return None
+            if itype not in (_GGUF_STRING, _GGUF_ARRAY):
+                raise _GGUFLayoutError(f"{what} has items of unknown type {itype}")
+            least = 8 if itype == _GGUF_STRING else 12  # bytes of the smallest item
+            if count * least > self.left():
+                raise _GGUFLayoutError(f"{what} claims {count} items, more than the {self.left()} bytes left hold")
+            for _ in range(count):
+                self.value(itype, what, depth + 1)
+            return None
+        raise _GGUFLayoutError(f"{what} has unknown value type {vtype}")
+
+
+def check_gguf_layout(path: str) -> None:
+    """Check a GGUF file's header against its size before the gguf package reads it; ValueError naming `path`.
+
+    Checks: magic and version; key/value and tensor counts, string and array lengths within the bytes left; known
+    value and tensor types; at most 4 dimensions; every tensor's data aligned, inside the file, and not
+    overlapping another's. The walk is bounded by the file size: nothing is allocated beyond small strings.
+    """
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise ValueError(f"{path} is not a GGUF file (only {size} bytes).")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                _check_layout(buf, size, GGML_QUANT_SIZES, GGMLQuantizationType)
+            except _GGUFLayoutError as err:
+                raise ValueError(f"{path} is not a valid GGUF file: {err}.") from None
+
+
+def _check_layout(buf: Any, size: int, quant_sizes: dict, quant_type: Any) -> None:
+    if bytes(buf[:4]) != b"GGUF":
+        raise _GGUFLayoutError("wrong magic bytes")
+    order = "<"
+    version = struct.unpack_from("<I", buf, 4)[0]
+    if version & 0xFFFF == 0:  # written on a big-endian machine
+        order, version = ">", struct.unpack_from(">I", buf, 4)[0]
+    if version not in _GGUF_VERSIONS:
+        raise _GGUFLayoutError(f"version {version} (readable: {', '.join(map(str, _GGUF_VERSIONS))})")
+    cur = _Cursor(buf, order)
+    cur.pos = 8
+    tensor_count = cur.take("Q", "the tensor count")
+    kv_count = cur.take("Q", "the key/value count")
+    if kv_count * 13 > cur.left() or tensor_count * 24 > cur.left():
+        raise _GGUFLayoutError(
+            f"it claims {kv_count} keys and {tensor_count} tensors, more than its {size} bytes can hold"
+        )
+    alignment = 32
+    for i in range(kv_count):
+        try:
+            key = cur.string(f"key {i}").decode("utf-8")
+        except UnicodeDecodeError:
+            raise _GGUFLayoutError(f"key {i} is not UTF-8 text") from None
+        vtype = cur.take("I", f"the value type of {key!r}")
+        value = cur.value(vtype, f"the value of {key[:100]!r}")
+        if key == "general.alignment":
+            if vtype != 4 or not value or value & (value - 1):
+                raise _GGUFLayoutError(f"general.alignment is {value!r}, not a power of two of type uint32")
+            alignment = value
+    tensors = []
+    for i in range(tensor_count):
+        try:
+            name = cur.string(f"the name of tensor {i}").decode("utf-8")
+        except UnicodeDecodeError:
+            raise _GGUFLayoutError(f"the name of tensor {i} is not UTF-8 text") from None
+        n_dims = cur.take("I", f"the dimension count of {name!r}")
+        if not 0 < n_dims <= _GGUF_MAX_DIMS:
+            raise _GGUFLayoutError(f"tensor {name[:100]!r} has {n_dims} dimensions (1 to {_GGUF_MAX_DIMS})")
+        dims = [cur.take("Q", f"the dimensions of {name!r}") for _ in range(n_dims)]
+        raw_type = cur.take("I", f"the type of {name!r}")
+        offset = cur.take("Q", f"the data offset of {name!r}")
+        try:
+            block, type_size = quant_sizes[quant_type(raw_type)]
+        except (ValueError, KeyError):
+            raise _GGUFLayoutError(f"tensor {name[:100]!r} has unknown type {raw_type}") from None
+        elements = 1
+        for d in dims:
+            elements *= d
+        if dims[0] % block:
+            raise _GGUFLayoutError(f"tensor {name[:100]!r}: its row of {dims[0]} is not a multiple of {block}")
+        tensors.append((offset, offset + elements // block * type_size, name))
+    data_start = cur.pos + (-cur.pos % alignment)
+    for begin, end, name in tensors:
+        if begin % alignment:
+            raise _GGUFLayoutError(f"tensor {name[:100]!r} starts at offset {begin}, not a multiple of {alignment}")
+        if data_start + end > size:
+            raise _GGUFLayoutError(
+                f"tensor {name[:100]!r} ends at byte {data_start + end}, past the end of the file ({size} bytes)"
+            )
+    spans = sorted(t for t in tensors if t[1] > t[0])
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise _GGUFLayoutError(f"tensors {name_a[:100]!r} and {name_b[:100]!r} overlap")
+
+
+def open_gguf_reader(path: str) -> Any:
+    """gguf's `GGUFReader` of `path`, after `check_gguf_layout`; whatever it raises becomes one ValueError naming
+    the file."""
+    gguf = _require_gguf()
+    check_gguf_layout(path)
+    try:
+        return gguf.GGUFReader(path)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - struct, numpy, KeyError...: the file is what is wrong
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"{path} is not a valid GGUF file ({type(err).__name__}: {message[:200]}).") from None
+
+
 def _field_value(reader: Any, key: str) -> Any:
     field = reader.fields.get(key)
     if field is None:
@@ -219,9 +403,12 @@ def _field_value(reader: Any, key: str) -> Any:
 
 def gguf_config(reader: Any, path: str) -> dict[str, Any]:
     """The attention-relevant part of a HF config from a GGUF file's metadata (model_type, L, H, KV, hd, d)."""
-    arch = _field_value(reader, "general.architecture")
-    name = str(_field_value(reader, "general.name") or "").lower()
-    model_type = GGUF_ARCHITECTURES.get(arch)
+    try:
+        arch = _field_value(reader, "general.architecture")
+        name = str(_field_value(reader, "general.name") or "").lower()
+    except (UnicodeDecodeError, ValueError, IndexError, TypeError) as err:
+        raise ValueError(f"{path}: its general.architecture or general.name is unreadable ({err}).") from None
+    model_type = GGUF_ARCHITECTURES.get(arch) if isinstance(arch, str) else None
     if model_type == "llama" and "mistral" in name:
         model_type = "mistral"
     if model_type is None:
@@ -229,19 +416,36 @@ def gguf_config(reader: Any, path: str) -> dict[str, Any]:
             f"{path}: GGUF architecture {arch!r} is not supported for scoring heads; supported: "
             f"{', '.join(sorted(GGUF_ARCHITECTURES))}. Convert it with transformers and pass the directory."
         )
-    heads = int(_field_value(reader, f"{arch}.attention.head_count"))
-    kv = _field_value(reader, f"{arch}.attention.head_count_kv")
-    hidden = int(_field_value(reader, f"{arch}.embedding_length"))
-    head_dim = _field_value(reader, f"{arch}.attention.key_length") or hidden // heads
+    heads = _int_field(reader, f"{arch}.attention.head_count", path)
+    kv = _int_field(reader, f"{arch}.attention.head_count_kv", path, required=False)
+    hidden = _int_field(reader, f"{arch}.embedding_length", path)
+    head_dim = _int_field(reader, f"{arch}.attention.key_length", path, required=False)
+    if head_dim is None:
+        if hidden % heads:
+            raise ValueError(f"{path}: embedding_length {hidden} is not a multiple of head_count {heads}.")
+        head_dim = hidden // heads
     return {
         "model_type": model_type,
-        "num_hidden_layers": int(_field_value(reader, f"{arch}.block_count")),
+        "num_hidden_layers": _int_field(reader, f"{arch}.block_count", path),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(kv if kv is not None else heads),
+        "num_key_value_heads": kv if kv is not None else heads,
         "hidden_size": hidden,
-        "head_dim": int(head_dim),
+        "head_dim": head_dim,
         "_gguf_architecture": arch,
     }
+
+
+def _int_field(reader: Any, key: str, path: str, required: bool = True) -> int | None:
+    """A positive integer metadata value of a GGUF file; ValueError naming the file when it is missing or not one."""
+    try:
+        value = _field_value(reader, key)
+    except (UnicodeDecodeError, ValueError, IndexError, TypeError) as err:
+        raise ValueError(f"{path}: GGUF field {key} is unreadable ({type(err).__name__}).") from None
+    if value is None and not required:
+        return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 < int(value) <= 1 << 24:
+        return int(value)
+    raise ValueError(f"{path}: GGUF field {key} is {str(value)[:50]}, not a positive integer.")
 
 
 def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -263,7 +467,7 @@ class GGUFStore:
         gguf = _require_gguf()
         self.path = path
         self._dequantize = gguf.dequantize
-        self.reader = gguf.GGUFReader(path)
+        self.reader = open_gguf_reader(path)
         self.config = gguf_config(self.reader, path)
         self._permute = self.config["_gguf_architecture"] in PERMUTED_QK_ARCHITECTURES
         by_name = {t.name: t for t in self.reader.tensors}

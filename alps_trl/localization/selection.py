@@ -31,6 +31,34 @@ class HeadSelectionError(ValueError):
     """A heads file is malformed, foreign, or made for another model shape."""
 
 
+# What a heads file may claim: far above any real model, low enough that its masks stay small.
+_SHAPE_LIMITS = {"num_layers": 10_000, "num_heads": 65_536, "num_kv_heads": 65_536}
+MAX_HEAD_COUNT = 10_000_000
+
+
+def _file_int(data: dict, key: str, limit: int, optional: bool = False) -> int | None:
+    """data[key] as a positive int up to `limit` (None allowed when `optional`), or a ValueError."""
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+        raise ValueError(f"{key} is {str(value)[:50]}, not an integer in [1, {limit}].")
+    return value
+
+
+def _file_heads(heads: Any) -> list[tuple[int, int]]:
+    """A heads file's "heads": a list of [layer, head] pairs of ints, or a ValueError."""
+    if not isinstance(heads, list):
+        raise ValueError(f"heads is a {type(heads).__name__}, not a list of [layer, head] pairs.")
+    out = []
+    for pair in heads:
+        ok = isinstance(pair, list) and len(pair) == 2
+        if not ok or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
+            raise ValueError(f"heads holds {str(pair)[:50]}, not a [layer, head] pair of integers.")
+        out.append((pair[0], pair[1]))
+    return out
+
+
 def _is_torch_module(obj: Any) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.nn.Module)
@@ -129,9 +157,16 @@ class HeadSelection:
     hidden_size: int | None = None
     model_type: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Where it was loaded from (e.g. "Heads file 'heads.json'"), named by errors; not saved.
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.heads = sorted({(int(layer), int(h)) for layer, h in self.heads})
+        if min(self.num_layers, self.num_heads, self.num_kv_heads) < 1:
+            raise HeadSelectionError(
+                f"num_layers={self.num_layers}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}: each "
+                "must be at least 1."
+            )
         if self.num_heads % self.num_kv_heads:
             raise HeadSelectionError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}."
@@ -223,8 +258,9 @@ class HeadSelection:
         }
         for key, value in mine.items():
             if value is not None and value != sig[key]:
+                made = f"{self.source} was made" if self.source else "This head selection was made"
                 raise HeadSelectionError(
-                    f"This head selection was made for a model with {key}={value}, but the model has "
+                    f"{made} for a model with {key}={value}, but the model has "
                     f"{key}={sig[key]} ({self._shape_text()} vs {layout.model_type} with {sig['num_layers']} layers x "
                     f"{sig['num_heads']} heads, {sig['num_kv_heads']} kv heads). Localize heads for this model "
                     "(drop alps_heads / head_selection) or pass the heads file made for it."
@@ -268,28 +304,38 @@ class HeadSelection:
                 "Re-create it with this version of alps-localize."
             )
         try:
-            heads = [(int(a), int(b)) for a, b in data["heads"]]
+            shape = {key: _file_int(data, key, limit) for key, limit in _SHAPE_LIMITS.items()}
+            if shape["num_layers"] * shape["num_heads"] > MAX_HEAD_COUNT:
+                raise ValueError(
+                    f"{shape['num_layers']} layers x {shape['num_heads']} heads is more than {MAX_HEAD_COUNT} heads."
+                )
+            optional = {key: _file_int(data, key, 1 << 24, optional=True) for key in ("head_dim", "hidden_size")}
+            heads = _file_heads(data.get("heads"))
+            model_type = data.get("model_type")
+            if model_type is not None and not isinstance(model_type, str):
+                raise ValueError(f"model_type is {str(model_type)[:50]!r}, not a string.")
+            provenance = data.get("provenance") or {}
+            if not isinstance(provenance, dict):
+                raise ValueError(f"provenance is a {type(provenance).__name__}, not a JSON object.")
             sel = cls(
-                num_layers=int(data["num_layers"]),
-                num_heads=int(data["num_heads"]),
-                num_kv_heads=int(data["num_kv_heads"]),
+                **shape,
                 heads=heads,
                 scores=data.get("scores"),
                 metric=str(data.get("metric", "pad")),
                 ratio=float(data.get("ratio", 0.1)),
                 strategy=str(data.get("strategy", "top_k")),
-                head_dim=data.get("head_dim"),
-                hidden_size=data.get("hidden_size"),
-                model_type=data.get("model_type"),
-                provenance=dict(data.get("provenance") or {}),
+                **optional,
+                model_type=model_type,
+                provenance=dict(provenance),
             )
         except HeadSelectionError as err:
             raise HeadSelectionError(f"{source} is inconsistent: {err}") from None
-        except (KeyError, TypeError, ValueError) as err:
-            raise HeadSelectionError(f"{source} is malformed ({type(err).__name__}: {err}).") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise HeadSelectionError(f"{source} is malformed ({type(err).__name__}: {str(err)[:200]}).") from None
         stored = data.get("fingerprint")
         if stored is not None and stored != sel.fingerprint():
             raise HeadSelectionError(f"{source} was edited: its fingerprint does not match its heads.")
+        sel.source = source
         return sel
 
     def save(self, path: str | os.PathLike) -> None:
@@ -307,10 +353,12 @@ class HeadSelection:
         if not os.path.isfile(path):
             raise HeadSelectionError(f"Heads file {path!r} does not exist.")
         try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
+            with open(path, "rb") as f:
+                data = json.loads(f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise HeadSelectionError(f"Heads file {path!r} is not valid JSON: {err}.") from None
+        except RecursionError:
+            raise HeadSelectionError(f"Heads file {path!r} is not valid JSON (it nests too deeply).") from None
         return cls.from_dict(data, source=f"Heads file {path!r}")
 
     # ---- presentation -------------------------------------------------------------------------

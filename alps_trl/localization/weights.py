@@ -125,26 +125,99 @@ class _TensorStore:
         return _to_numpy(self.rows(name, start, stop))
 
 
-def parse_header_length(raw: bytes, where: str) -> int:
-    """The header length that a safetensors file's first 8 bytes (`raw`) hold; `where` names the file in errors."""
+# Refused before anything is read: a header this long is not one (the largest real ones are a few MB).
+MAX_HEADER_BYTES = 100_000_000
+
+
+def parse_header_length(raw: bytes, where: str, file_size: int | None = None) -> int:
+    """The header length that a safetensors file's first 8 bytes (`raw`) hold; `where` names the file in errors.
+
+    `file_size` (when known): the file's size, which the header must fit in.
+    """
     if len(raw) != 8:
         raise ValueError(f"{where} is not a safetensors file (shorter than its 8-byte header length).")
     (header_len,) = struct.unpack("<Q", raw)
-    if header_len > 100_000_000:
+    if header_len > MAX_HEADER_BYTES:
         raise ValueError(f"{where} is not a safetensors file (implausible header length {header_len}).")
+    if file_size is not None and 8 + header_len > file_size:
+        raise ValueError(
+            f"{where} is truncated or not a safetensors file: its header length {header_len} runs past the end of "
+            f"the file ({file_size} bytes)."
+        )
     return header_len
 
 
-def parse_header(raw: bytes, where: str) -> dict[str, dict]:
-    """Tensor entries (name -> dtype, shape, data_offsets) of a safetensors header, without ``__metadata__``."""
+def parse_header(raw: bytes, where: str, data_size: int | None = None) -> dict[str, dict]:
+    """Tensor entries (name -> dtype, shape, data_offsets) of a safetensors header, without ``__metadata__``.
+
+    Every entry is checked (`validate_entries`) before anything uses it; `data_size`: the bytes after the
+    header, when known.
+    """
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{where} is not a safetensors file (unreadable header: {err}).") from None
+    except RecursionError:
+        raise ValueError(f"{where} is not a safetensors file (its header nests too deeply).") from None
     if not isinstance(header, dict):
         raise ValueError(f"{where} is not a safetensors file (its header is not a JSON object).")
     header.pop("__metadata__", None)
+    validate_entries(header, data_size, where)
     return header
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_entries(entries: dict, data_size: int | None, where: str) -> None:
+    """Check every tensor entry of a safetensors header, in one place, before any read or allocation.
+
+    Each entry must be an object with a known ``dtype``, a ``shape`` list of non-negative ints and
+    ``data_offsets`` [begin, end] of ints with 0 <= begin <= end, end - begin = the shape's size in bytes, end
+    within the data (`data_size` bytes after the header, when known), and no two tensors' bytes may overlap.
+    Raises ValueError naming `where`, the tensor and what is wrong, in one line.
+    """
+    spans = []
+    for name, entry in entries.items():
+        what = f"{where}: tensor {str(name)[:200]!r}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{what} has no dtype/shape/data_offsets entry (found {type(entry).__name__}).")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_NUMPY:
+            raise ValueError(f"{what} has dtype {str(dtype)[:50]!r}; known: {', '.join(_SAFETENSORS_NUMPY)}.")
+        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+            raise ValueError(f"{what} has shape {str(shape)[:100]}, not a list of non-negative integers.")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise ValueError(f"{what} has data_offsets {str(offsets)[:100]}, not a list [begin, end] of integers.")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise ValueError(f"{what} has data_offsets [{begin}, {end}]: not 0 <= begin <= end.")
+        nbytes = np.dtype(_SAFETENSORS_NUMPY[dtype]).itemsize
+        for s in shape:
+            nbytes *= s
+        if end - begin != nbytes:
+            raise ValueError(
+                f"{what} of dtype {dtype} and shape {shape} needs {nbytes} bytes, but its data_offsets "
+                f"[{begin}, {end}] hold {end - begin}."
+            )
+        if data_size is not None and end > data_size:
+            raise ValueError(
+                f"{what} ends at byte {end} of the data, past its end ({data_size} bytes): the file is truncated or "
+                "its header is wrong."
+            )
+        if end > begin:
+            spans.append((begin, end, name))
+    last = max((end for _, end, _ in spans), default=0)
+    if data_size is not None and last != data_size:
+        raise ValueError(
+            f"{where}: its tensors' data ends at byte {last}, but the file holds {data_size} bytes after the header: "
+            "the header length or the data_offsets are wrong."
+        )
+    spans.sort()
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise ValueError(f"{where}: tensors {str(name_a)[:200]!r} and {str(name_b)[:200]!r} overlap in the file.")
 
 
 class _SafetensorsFile:
@@ -153,8 +226,9 @@ class _SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         with open(path, "rb") as f:
-            header_len = parse_header_length(f.read(8), path)
-            header = parse_header(f.read(header_len), path)
+            size = os.fstat(f.fileno()).st_size
+            header_len = parse_header_length(f.read(8), path, size)
+            header = parse_header(f.read(header_len), path, size - 8 - header_len)
         self.data_start = 8 + header_len
         self.entries: dict[str, dict] = header
 
@@ -329,14 +403,17 @@ class WeightSource:
         config: the model config as a dict.
     """
 
-    def __init__(self, store: _TensorStore, config: dict, name: str):
+    def __init__(self, store: _TensorStore, config: dict, name: str, config_path: str | None = None):
         self._store = store
         self.config = config
         self.name = name
+        # Where the config came from (its config.json), named by errors about it.
+        self._config_where = f"the config {config_path}" if config_path else "the config"
         try:
             self.layout = AttentionLayout.from_config(config, store.names())
         except ValueError as err:
-            raise type(err)(f"{name}: {err}") from None
+            where = f"{name} ({config_path})" if config_path else name
+            raise type(err)(f"{where}: {err}") from None
         self._check_shapes()
 
     def tensor_shape(self, tensor_name: str) -> tuple[int, ...]:
@@ -362,7 +439,7 @@ class WeightSource:
                 shape = self._store.shape(tensor_name)
                 if len(shape) != 2 or shape[0] != rows or shape[1] != lay.hidden_size:
                     raise ValueError(
-                        f"{self.name}: tensor {tensor_name!r} has shape {list(shape)}, but the config "
+                        f"{self.name}: tensor {tensor_name!r} has shape {list(shape)}, but {self._config_where} "
                         f"({lay.model_type}: {lay.num_heads} heads, {lay.num_kv_heads} kv heads, head_dim "
                         f"{lay.head_dim}, hidden_size {lay.hidden_size}) implies [{rows}, {lay.hidden_size}]."
                     )
@@ -483,7 +560,8 @@ def open_weight_source(
                 "A state-dict Mapping needs config= (a PretrainedConfig, a dict, or a path to config.json) "
                 "to know the architecture and head shapes."
             )
-        return WeightSource(_MappingStore(obj), _config_dict(config, trust_remote_code), "state_dict")
+        config_path = os.fspath(config) if isinstance(config, (str, os.PathLike)) else None
+        return WeightSource(_MappingStore(obj), _config_dict(config, trust_remote_code), "state_dict", config_path)
     if isinstance(obj, (str, os.PathLike)):
         path = os.fspath(obj)
         if os.path.isdir(path):
@@ -559,10 +637,12 @@ def _read_config_json(path: str, trust_remote_code: bool) -> dict:
             f"No config.json at {path!r}: ALPS needs the model config to find the attention heads."
         )
     try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as err:
+        with open(path, "rb") as f:
+            cfg = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}.") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON (it nests too deeply).") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} does not hold a JSON object.")
     required = ("num_hidden_layers", "num_attention_heads", "hidden_size")
@@ -577,17 +657,26 @@ def _read_config_json(path: str, trust_remote_code: bool) -> dict:
 
 def _from_directory(path: str, config: Any, trust_remote_code: bool, name: str) -> WeightSource:
     cfg = _config_dict(config, trust_remote_code) if config is not None else None
+    config_path = None
     if cfg is None:
-        cfg = _read_config_json(os.path.join(path, "config.json"), trust_remote_code)
-    return source_from_store(_open_weight_files(path), cfg, name)
+        config_path = os.path.join(path, "config.json")
+        cfg = _read_config_json(config_path, trust_remote_code)
+    elif isinstance(config, (str, os.PathLike)):
+        config_path = os.fspath(config)
+    return source_from_store(_open_weight_files(path), cfg, name, config_path)
 
 
-def source_from_store(store: _TensorStore, cfg: dict, name: str) -> WeightSource:
-    """A `WeightSource` over `store`, dequantizing the checkpoints whose config says they are quantized."""
+def source_from_store(store: _TensorStore, cfg: dict, name: str, config_path: str | None = None) -> WeightSource:
+    """A `WeightSource` over `store`, dequantizing the checkpoints whose config says they are quantized.
+
+    `config_path`: the config.json `cfg` was read from, for errors.
+    """
     quantization = cfg.get("quantization_config")
     if quantization:
+        if not isinstance(quantization, dict):
+            raise ValueError(f"{config_path or name}: quantization_config is not a JSON object.")
         store = _dequantizing_store(store, quantization, name)
-    return WeightSource(store, cfg, name)
+    return WeightSource(store, cfg, name, config_path)
 
 
 class _BlockFP8Store(_TensorStore):

@@ -122,13 +122,58 @@ def load_delta_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], H
             f"{path!r} has delta format version {metadata.get('alps_format_version')!r}; this alps_trl reads "
             f"version {DELTA_FORMAT_VERSION}."
         )
-    selection = HeadSelection.from_dict(json.loads(metadata["selection"]), source=f"Delta file {path!r}")
+    try:
+        selection_data = json.loads(metadata["selection"])
+    except (KeyError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(
+            f"{path!r} holds no readable head selection in its metadata ({type(err).__name__})."
+        ) from None
+    selection = HeadSelection.from_dict(selection_data, source=f"Delta file {path!r}")
     return tensors, selection, metadata
+
+
+def check_delta(name: str, delta: torch.Tensor, index: torch.Tensor, dim: int, shape: tuple[int, ...]) -> None:
+    """Check one delta against the shape of the tensor it applies to, before any indexing; ValueError if it does
+    not fit: `index` 1-D integer, unique, in [0, shape[dim]); `delta` the shape of those rows (or columns)."""
+    if index.dim() != 1 or index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise ValueError(f"the index of delta {name!r} is not a 1-D integer tensor (shape {list(index.shape)}).")
+    n = int(index.numel())
+    if dim >= len(shape):
+        raise ValueError(f"delta {name!r} indexes dimension {dim} of a tensor of shape {list(shape)}.")
+    if n and (int(index.min()) < 0 or int(index.max()) >= shape[dim]):
+        raise ValueError(f"the index of delta {name!r} leaves [0, {shape[dim]}) (tensor shape {list(shape)}).")
+    if n != int(torch.unique(index).numel()):
+        raise ValueError(f"the index of delta {name!r} repeats a row.")
+    expected = list(shape)
+    expected[dim] = n
+    if list(delta.shape) != expected:
+        raise ValueError(f"delta {name!r} has shape {list(delta.shape)}, but its index and tensor imply {expected}.")
 
 
 # ---- merging into a checkpoint on disk --------------------------------------------------------
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def read_config(config_path: str) -> dict:
+    """A base checkpoint's config.json as a dict, its head counts checked; ValueError naming the file."""
+    from alps_trl.localization.anatomy import head_counts
+
+    try:
+        with open(config_path, "rb") as f:
+            config = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({type(err).__name__}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} does not hold a JSON object.")
+    quantization = config.get("quantization_config")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise ValueError(f"{config_path}: quantization_config is not a JSON object.")
+    try:
+        head_counts(config)
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from None
+    return config
 
 
 def _resolve_checkpoint_dir(path: str | os.PathLike) -> str:
@@ -238,8 +283,7 @@ def merge_delta_checkpoint(
     config_path = os.path.join(base_dir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{base_dir!r} has no config.json: pass a Hugging Face model directory.")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_config(config_path)
     if config.get("quantization_config"):
         raise ValueError(
             f"{base_dir!r} is a quantized checkpoint ({config['quantization_config'].get('quant_method', '?')}). "
@@ -247,10 +291,14 @@ def merge_delta_checkpoint(
         )
     tensors, selection, metadata = load_delta_file(delta_path)
     selection.check_compatible(config)
+    try:
+        parsed = split_delta_state_dict(tensors)
+    except ValueError as err:
+        raise ValueError(f"{os.fspath(delta_path)!r}: {err}") from None
     files, index_name = _weight_files(base_dir)
     names_by_file = _shard_names(base_dir, files)
     all_names = {n for names in names_by_file.values() for n in names}
-    deltas = _translate_names(split_delta_state_dict(tensors), config, all_names)
+    deltas = _translate_names(parsed, config, all_names)
 
     os.makedirs(output_path, exist_ok=True)
     applied: set[str] = set()
@@ -260,6 +308,10 @@ def merge_delta_checkpoint(
         for key in shard:
             if key in deltas:
                 delta, index, dim = deltas[key]
+                try:
+                    check_delta(key, delta, index, dim, tuple(shard[key].shape))
+                except ValueError as err:
+                    raise ValueError(f"{os.fspath(delta_path)!r} does not fit the base checkpoint: {err}") from None
                 shard[key] = apply_delta(shard[key], delta, index, dim)
                 applied.add(key)
         out_name = name if name.endswith(".safetensors") else _safetensors_name(name)
@@ -295,7 +347,10 @@ def _safetensors_name(bin_name: str) -> str:
 def describe_delta_file(path: str | os.PathLike) -> dict[str, Any]:
     """Metadata summary of a delta file (for CLIs): heads, base model, number of tensors and entries."""
     tensors, selection, metadata = load_delta_file(path)
-    parsed = split_delta_state_dict(tensors)
+    try:
+        parsed = split_delta_state_dict(tensors)
+    except ValueError as err:
+        raise ValueError(f"{os.fspath(path)!r}: {err}") from None
     return {
         "heads": len(selection.heads),
         "base_model": metadata.get("base_model", ""),

@@ -22,7 +22,6 @@ save) and ``alps_heads.json`` (the head selection). The tensors are float32, lik
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,7 +32,9 @@ from alps_trl.localization.anatomy import AttentionLayout
 from alps_trl.localization.selection import HeadSelection
 from alps_trl.restriction.delta_checkpoint import (
     _resolve_checkpoint_dir,
+    check_delta,
     load_delta_file,
+    read_config,
     split_delta_state_dict,
 )
 from alps_trl.restriction.rows import restricted_tensors
@@ -104,6 +105,9 @@ def lora_tensors(
         target = targets.get(name)
         if target is None:
             raise ValueError(f"Delta {name!r} names no q/k/v or o_proj tensor of this model: is it the right base?")
+        if dim != target.dim:
+            raise ValueError(f"Delta {name!r} indexes {'columns' if dim else 'rows'}, but {name} trains by the other.")
+        check_delta(name, delta, index, dim, _tensor_shape(target, layout))
         if target.kind == "weight":
             weights[target.module] = (delta.to(torch.float32), index.to(torch.int64), dim, target.size)
     if not weights:
@@ -136,6 +140,13 @@ def lora_tensors(
         bias[index.to(torch.int64)] = delta.to(torch.float32)
         out[f"{PEFT_PREFIX}{target.module}.lora_B.bias"] = bias
     return out, ranks
+
+
+def _tensor_shape(target, layout: AttentionLayout) -> tuple[int, ...]:
+    """The full shape of a restricted tensor: a bias [size], a q/k/v weight [size, d], o_proj [d, size]."""
+    if target.kind == "bias":
+        return (target.size,)
+    return (target.size, layout.hidden_size) if target.dim == 0 else (layout.hidden_size, target.size)
 
 
 def lora_config(ranks: Mapping[str, int], *, base_model: str, uniform_rank: bool, lora_bias: bool):
@@ -222,8 +233,7 @@ def delta_file_to_adapter(
     config_path = os.path.join(base_dir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{base_dir!r} has no config.json: pass the base model's Hugging Face directory.")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_config(config_path)
     tensors, selection, metadata = load_delta_file(delta_path)
     if metadata.get("rest_trained") == "true":
         raise ValueError(
@@ -232,8 +242,15 @@ def delta_file_to_adapter(
             "hold. Use the merged checkpoint that run saved, or train with alps_train_non_attention=False."
         )
     selection.check_compatible(config)
-    layout = AttentionLayout.from_config(config)
+    try:
+        layout = AttentionLayout.from_config(config)
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from None
     o_bias = bool(config.get("attention_bias", False)) or bool(config.get("o_proj_bias", False))
+    try:
+        lora_tensors(tensors, layout, selection)  # checks every delta against the model before anything is written
+    except ValueError as err:
+        raise ValueError(f"{os.fspath(delta_path)!r}: {err}") from None
     return save_adapter(
         tensors,
         layout,
