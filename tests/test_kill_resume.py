@@ -76,6 +76,8 @@ def kill_and_resume(spec: str, out: Path, *args: str, launcher: str | None = Non
     """Kill a job at `spec`, resume it from what `get_last_checkpoint` finds; what happened, for the assertions."""
     killed = _job(spec, out, *args, launcher=launcher)
     assert killed.returncode != 0, f"the kill point {spec} was never reached:\n{killed.stderr[-3000:]}"
+    if (out / "alps_heads.json").exists():  # the run's own selection file is never left cut short
+        HeadSelection.load(out / "alps_heads.json")
     complete = {p: _digest(p) for p in out.glob("checkpoint-*") if checkpoints.checkpoint_problem(str(p)) is None}
     broken = [p.name for p in out.glob("checkpoint-*") if p not in complete]
     found = get_last_checkpoint(str(out))
@@ -174,6 +176,7 @@ def test_trainers_killed_and_resumed_match_plain_trl(kind, mode, spec, tmp_path,
     out = tmp_path / "alps"
     kill_and_resume(spec, out, *args)
     alps_difference = _max_difference(_final_weights(out), _final_weights(reference))
+    print(f"{kind} killed at {spec}: weights vs uninterrupted: plain TRL {plain_difference}, ALPS {alps_difference}")
     assert alps_difference <= plain_difference, (alps_difference, plain_difference)
     _assert_alps_run(out, reference / "final", base=_tiny_base_qkv())
 
