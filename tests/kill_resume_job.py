@@ -13,7 +13,7 @@ import argparse
 import os
 
 
-def build(kind: str, trainer: str, mode: str, out: str, steps: int, save_steps: int, ddp_timeout: int = 1800):
+def build(kind: str, trainer: str, mode: str, out: str, steps: int, save_steps: int):
     from trainer_helpers import dpo_config, dpo_dataset, sft_config, sft_dataset, tiny_model, tiny_tokenizer
 
     alps = trainer == "alps"
@@ -23,7 +23,6 @@ def build(kind: str, trainer: str, mode: str, out: str, steps: int, save_steps: 
         save_steps=save_steps,
         weight_decay=0.1,
         max_grad_norm=1.0,
-        ddp_timeout=ddp_timeout,
     )
     if alps:
         run.update(alps_mode=mode, alps_probe_steps=1, alps_train_non_attention=mode == "mask")
@@ -64,14 +63,22 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--save-steps", type=int, default=2)
-    parser.add_argument("--ddp-timeout", type=int, default=1800, help="TrainingArguments.ddp_timeout (seconds)")
+    parser.add_argument("--collective-timeout", type=int, default=None, help="seconds; the process group's timeout")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 on CPU ranks (launch with the fsdp2 config)")
     a = parser.parse_args()
     if a.fsdp:
         from distributed.train_tiny import mark_fsdp_switch
 
         mark_fsdp_switch()
-    trainer = build(a.kind, a.trainer, a.mode, a.out, a.steps, a.save_steps, a.ddp_timeout)
+    if a.collective_timeout:
+        # What --ddp_timeout does on GPUs: transformers passes it to the process group only when the ranks are not
+        # CPU ranks, so these gloo ranks get it here, before the training arguments set the process group up.
+        from datetime import timedelta
+
+        from accelerate import PartialState
+
+        PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=a.collective_timeout))
+    trainer = build(a.kind, a.trainer, a.mode, a.out, a.steps, a.save_steps)
     trainer.train(resume_from_checkpoint=a.resume)
     trainer.save_model(os.path.join(a.out, "final"))
 

@@ -214,7 +214,7 @@ RANK_DEATHS = [
 ]
 RANK_DEATH_BOUND_S = 60
 # A rank that hangs with its connections open (SIGSTOP: a frozen or unreachable node) is found by the collective
-# timeout, TrainingArguments.ddp_timeout (1800 s by default): the job must end within it plus the launcher's grace.
+# timeout (TrainingArguments.ddp_timeout on GPUs, 1800 s by default): the job must end within it plus a grace.
 HANG_TIMEOUT_S = 20
 
 
@@ -246,11 +246,11 @@ def test_a_dead_rank_fails_the_job_fast_and_the_job_resumes(config, when, spec, 
 
 @pytest.mark.distributed
 def test_a_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path):
-    """Rank 1 freezes (SIGSTOP) in training: rank 0's next collective times out after --ddp_timeout, and the launcher
-    ends the job (the frozen rank too) within RANK_DEATH_BOUND_S of that."""
+    """Rank 1 freezes (SIGSTOP) in training: rank 0's next collective times out after the process group's timeout,
+    and the launcher ends the job (the frozen rank too) within RANK_DEATH_BOUND_S of that."""
     import time
 
-    args = ["--kind", "sft", "--trainer", "alps", "--mode", "delta", "--ddp-timeout", str(HANG_TIMEOUT_S)]
+    args = ["--kind", "sft", "--trainer", "alps", "--mode", "delta", "--collective-timeout", str(HANG_TIMEOUT_S)]
     out, stamp = tmp_path / "run", tmp_path / "died_at"
     env = child_env(KILL_RANK="1", KILL_STAMP=str(stamp), KILL_SIGNAL="STOP")
     proc = _job("step:5", out, *args, launcher="multi_gpu.yaml", env=env)
