@@ -9,12 +9,14 @@ delta file, so the base (and the DPO reference) stay exactly the original model.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.utils import logging
 
 from alps_trl.localization.anatomy import unwrap_model
@@ -27,6 +29,79 @@ logger = logging.get_logger(__name__)
 DELTA_FILE = "alps_delta.safetensors"
 MERGE_HINT_FILE = "ALPS_MERGE.md"
 ADAPTER_DIR = "adapter"
+# A checkpoint directory Trainer names (and `transformers.trainer_utils.get_last_checkpoint` finds), and the name an
+# interrupted one is moved to: neither that function nor Trainer's checkpoint rotation (``checkpoint-*``) sees it.
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+INCOMPLETE_PREFIX = "incomplete-"
+
+
+# ---- which checkpoints are complete ----------------------------------------------------------------
+def checkpoint_problem(checkpoint: str) -> str | None:
+    """Why `checkpoint` cannot be resumed from (a short reason), or None when it is a complete Trainer checkpoint.
+
+    Trainer writes ``trainer_state.json`` last, after the model, the ALPS files, the optimizer, scheduler and RNG
+    states: a directory without it, or with it cut short, is a save that was interrupted (a killed process).
+    """
+    if not os.path.isdir(checkpoint):
+        return "it is not a directory"
+    state = os.path.join(checkpoint, TRAINER_STATE_NAME)
+    if not os.path.isfile(state):
+        return f"it has no {TRAINER_STATE_NAME}: its save was interrupted"
+    try:
+        with open(state) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"its {TRAINER_STATE_NAME} is cut short or unreadable: its save was interrupted"
+    if not isinstance(data, dict) or "global_step" not in data:
+        return f"its {TRAINER_STATE_NAME} holds no global_step"
+    return None
+
+
+def _numbered_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the ``checkpoint-N`` directories in `output_dir`, newest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found, reverse=True)
+
+
+def last_complete_checkpoint(output_dir: str, before_step: int | None = None) -> str | None:
+    """The newest complete ``checkpoint-N`` in `output_dir` (with N < `before_step` if given), or None.
+
+    `transformers.trainer_utils.get_last_checkpoint` returns the newest directory by name, complete or not.
+    """
+    for step, path in _numbered_checkpoints(output_dir):
+        if (before_step is None or step < before_step) and checkpoint_problem(path) is None:
+            return path
+    return None
+
+
+def set_aside_incomplete(output_dir: str, after_step: int) -> list[str]:
+    """Rename the incomplete ``checkpoint-N`` directories with N > `after_step` to ``incomplete-checkpoint-N``
+    (numbered further if taken), so that nothing resumes from them and the run's next save of step N starts clean.
+    Nothing is deleted. Returns the new paths."""
+    moved = []
+    for step, path in _numbered_checkpoints(output_dir):
+        if step <= after_step or checkpoint_problem(path) is None:
+            continue
+        target = os.path.join(output_dir, INCOMPLETE_PREFIX + os.path.basename(path))
+        suffix = 1
+        while os.path.exists(target):
+            suffix += 1
+            target = os.path.join(output_dir, f"{INCOMPLETE_PREFIX}{os.path.basename(path)}.{suffix}")
+        os.rename(path, target)
+        moved.append(target)
+    return moved
+
+
+def checkpoint_step(checkpoint: str) -> int | None:
+    """N of a ``checkpoint-N`` path, else None."""
+    match = CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(checkpoint)))
+    return int(match.group(1)) if match else None
 
 
 def is_sharded_checkpoint(checkpoint: str) -> bool:

@@ -39,7 +39,6 @@ from typing import Any
 import torch
 import transformers
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from alps_trl.localization.anatomy import AttentionLayout, unwrap_model
@@ -65,6 +64,9 @@ from alps_trl.trainers.checks import (
 from alps_trl.trainers.config import AlpsArguments, alps_arguments_of, planned_importance_batches, planned_probe_steps
 
 logger = logging.get_logger(__name__)
+
+# resume_from_checkpoint strings that mean "the newest complete checkpoint of output_dir" (as True does).
+LATEST = ("true", "last")
 
 ALPS_PAPER = {
     "title": "ALPS: Attention Localization and Pruning Strategy for Efficient Alignment of Large Language Models",
@@ -178,7 +180,14 @@ class AlpsTrainerMixin:
         return self._alps_selection
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        self._alps_setup(self._alps_resolve_checkpoint(resume_from_checkpoint))
+        """`Trainer.train`, resuming only from a complete checkpoint: ``True`` (or ``"true"``/``"last"``) means the
+        newest complete ``checkpoint-N`` of ``output_dir``, and a named checkpoint whose save was interrupted gives
+        way to the newest complete one before it (`checkpoints.checkpoint_problem` says how that is told)."""
+        checkpoint = self._alps_resolve_checkpoint(resume_from_checkpoint)
+        self._alps_setup(checkpoint)
+        if checkpoint is not None:
+            self._alps_set_aside_incomplete(checkpoint)
+            resume_from_checkpoint = checkpoint
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- transformers.Trainer overrides -------------------------------------------------------
@@ -376,21 +385,45 @@ class AlpsTrainerMixin:
             )
 
     def _alps_resolve_checkpoint(self, resume: str | bool | None, strict: bool = True) -> str | None:
-        """The checkpoint to resume from, or None. `strict`: resume=True without a checkpoint raises (as `train`
-        would); the constructor is not strict, since the checkpoint may only exist by the time `train` runs."""
+        """The complete checkpoint to resume from, or None. `strict`: resume=True without a checkpoint raises (as
+        `train` would); the constructor is not strict, since the checkpoint may only exist by the time `train` runs.
+
+        A killed save leaves a ``checkpoint-N`` that `get_last_checkpoint` still returns; it is never resumed from.
+        """
         if resume is None or resume is False:
             return None
-        if resume is True:
-            found = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            if found is None and not strict:
-                return None
-            if found is None:  # Trainer.train raises this too, but only after localization would have run
+        output_dir = self.args.output_dir
+        if resume is True or (isinstance(resume, str) and resume.lower() in LATEST and not os.path.exists(resume)):
+            found = checkpoints.last_complete_checkpoint(output_dir)
+            if found is None and strict:  # Trainer.train raises too, but only after localization would have run
                 raise ValueError(
-                    f"No valid checkpoint found in output directory ({self.args.output_dir}): pass the checkpoint "
-                    "path as resume_from_checkpoint, or train without resuming."
+                    f"No complete checkpoint found in output directory ({output_dir}): pass the checkpoint path as "
+                    "resume_from_checkpoint, or train without resuming."
                 )
             return found
-        return str(resume)
+        path = str(resume)
+        problem = checkpoints.checkpoint_problem(path) if os.path.isdir(path) else None
+        if problem is None:
+            return path  # complete, or missing (Trainer says so)
+        parent = os.path.dirname(os.path.normpath(path))
+        fallback = checkpoints.last_complete_checkpoint(parent, before_step=checkpoints.checkpoint_step(path))
+        if fallback is None:
+            raise ValueError(
+                f"Cannot resume from {path}: {problem}, and {parent} holds no complete checkpoint before it. Train "
+                "without resume_from_checkpoint to start over."
+            )
+        logger.warning_once(f"ALPS: {path} is incomplete ({problem}); resuming from {fallback} instead.")
+        return fallback
+
+    def _alps_set_aside_incomplete(self, checkpoint: str) -> None:
+        """Move the interrupted checkpoints newer than `checkpoint` out of get_last_checkpoint's sight (main
+        process; nothing is deleted)."""
+        step = checkpoints.checkpoint_step(checkpoint)
+        output_dir = os.path.abspath(self.args.output_dir)
+        if step is None or not self.args.should_save or os.path.dirname(os.path.abspath(checkpoint)) != output_dir:
+            return
+        for moved in checkpoints.set_aside_incomplete(output_dir, step):
+            logger.warning(f"ALPS: moved the interrupted checkpoint to {moved}; nothing resumes from it.")
 
     def _alps_setup(self, checkpoint: str | None) -> None:
         """Localize (or restore), share across ranks, install the restriction, write and log the selection."""
