@@ -264,6 +264,13 @@ class _Cursor:
         self.skip(n, what)
         return bytes(self.buf[start : self.pos])
 
+    def text(self, what: str) -> str:
+        """A length-prefixed UTF-8 string (keys and tensor names)."""
+        try:
+            return self.string(what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _GGUFLayoutError(f"{what} is not UTF-8 text") from None
+
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _GGUF_SCALARS:
             size = _GGUF_SCALARS[vtype]
@@ -333,10 +340,7 @@ def _check_layout(buf: Any, size: int, quant_sizes: dict, quant_type: Any) -> No
         )
     alignment = 32
     for i in range(kv_count):
-        try:
-            key = cur.string(f"key {i}").decode("utf-8")
-        except UnicodeDecodeError:
-            raise _GGUFLayoutError(f"key {i} is not UTF-8 text") from None
+        key = cur.text(f"key {i}")
         vtype = cur.take("I", f"the value type of {key!r}")
         value = cur.value(vtype, f"the value of {key[:100]!r}")
         if key == "general.alignment":
@@ -345,10 +349,7 @@ def _check_layout(buf: Any, size: int, quant_sizes: dict, quant_type: Any) -> No
             alignment = value
     tensors = []
     for i in range(tensor_count):
-        try:
-            name = cur.string(f"the name of tensor {i}").decode("utf-8")
-        except UnicodeDecodeError:
-            raise _GGUFLayoutError(f"the name of tensor {i} is not UTF-8 text") from None
+        name = cur.text(f"the name of tensor {i}")
         n_dims = cur.take("I", f"the dimension count of {name!r}")
         if not 0 < n_dims <= _GGUF_MAX_DIMS:
             raise _GGUFLayoutError(f"tensor {name[:100]!r} has {n_dims} dimensions (1 to {_GGUF_MAX_DIMS})")
