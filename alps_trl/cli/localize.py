@@ -185,7 +185,8 @@ def _run(args: argparse.Namespace, start: float) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.heatmap)), exist_ok=True)
             selection.plot_heatmap(args.heatmap)
     except (ValueError, TypeError, OSError, ImportError, HeadSelectionError, RuntimeError) as err:
-        print(f"alps-localize: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line
+        print(f"alps-localize: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("alps-localize: interrupted", file=sys.stderr)

@@ -12,6 +12,10 @@ stored in the checkpoint's dtype); config and tokenizer files are copied, so
 `AutoModelForCausalLM.from_pretrained(OUTPUT)` loads the trained model. ``--to-peft`` reads only BASE's config
 and writes ``adapter_config.json`` + ``adapter_model.safetensors`` (``base_model_name_or_path`` = BASE as given;
 a quantized BASE gives a QLoRA-style adapter over it), which `PeftModel.from_pretrained(base, OUTPUT)` loads.
+
+OUTPUT is written atomically: built in a hidden directory beside it and renamed into place, so a killed or
+failed run (full disk, read-only directory) leaves the previous OUTPUT or none. An existing OUTPUT is replaced
+as a whole, and only when it is an earlier checkpoint (config.json) or adapter (adapter_config.json), or empty.
 """
 
 from __future__ import annotations
@@ -56,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             adapter = delta_file_to_adapter(args.base, args.delta, args.output, uniform_rank=args.uniform_rank)
         else:
             out = merge_delta_checkpoint(args.base, args.delta, args.output)
-    except (OSError, ValueError, KeyError, ImportError) as err:
-        print(f"alps-merge: error: {err}", file=sys.stderr)
+    except (OSError, ValueError, KeyError, ImportError) as err:  # OSError: also a full disk, a read-only OUTPUT
+        message = " ".join(str(err).split())  # one line
+        print(f"alps-merge: error: {message}", file=sys.stderr)
         return 2
     if args.to_peft:
         print(

@@ -16,6 +16,7 @@ treat it as a 4-bit base. Here a dequantized GGUF model is what it is, a full-pr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -23,10 +24,13 @@ import mmap
 import os
 import shutil
 import struct
-import tempfile
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+from alps_trl.localization.atomic import atomic_directory
 
 GGUF_SUFFIX = ".gguf"
 CACHE_ENV = "ALPS_TRL_CACHE"
@@ -128,8 +132,11 @@ def convert_gguf(path: str, cache_dir: str | None = None, dtype: str = "float32"
     The directory holds config.json (no quantization_config), model.safetensors with the dequantized weights
     in `dtype`, and the tokenizer; `AutoModelForCausalLM.from_pretrained(directory)` loads it like any
     checkpoint. It is keyed by the file's sha256, so an edited file converts again and a copy of the same file
-    reuses it. The conversion writes into a temporary directory next to the target and renames it, so
-    concurrent processes (ranks) and interrupted runs never see a half-written checkpoint.
+    reuses it. The conversion writes into a temporary directory next to the target and renames it
+    (`atomic_directory`), so concurrent processes (ranks) and interrupted runs never see a half-written
+    checkpoint, and the next run removes what a killed one left. Processes converting the same file take turns
+    on a lock file beside the target (``<target>.lock``, `fcntl.flock`, released by the kernel when a holder
+    dies): the first converts, the others wait and reuse its directory.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,33 +152,59 @@ def convert_gguf(path: str, cache_dir: str | None = None, dtype: str = "float32"
         return target
     open_gguf_reader(path)  # a malformed file is refused here, in one line, before transformers reads it
     folder, name = os.path.split(path)
-    logger.warning(f"ALPS: converting {name} to a standard checkpoint in {target} (once; later runs reuse it).")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
-        strip_gguf_quantizer(model)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except (MemoryError, ImportError):
-        raise
-    except Exception as err:  # noqa: BLE001 - transformers' GGUF loader raises anything on a file it cannot use
-        message = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(
-            f"{path}: transformers cannot load this GGUF file ({type(err).__name__}: {message[:200]})."
-        ) from None
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(target))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
-            json.dump({"gguf_file": path, "sha256": digest, "dtype": dtype}, f, indent=2)
+    with _conversion_lock(target):
+        if is_converted(target):  # another process converted it while this one waited for the lock
+            return target
+        logger.warning(f"ALPS: converting {name} to a standard checkpoint in {target} (once; later runs reuse it).")
         try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: keep its copy
-            if not is_converted(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
+            strip_gguf_quantizer(model)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        except (MemoryError, ImportError):
+            raise
+        except Exception as err:  # noqa: BLE001 - transformers' GGUF loader raises anything on a file it cannot use
+            message = str(err).splitlines()[0] if str(err) else ""
+            raise ValueError(
+                f"{path}: transformers cannot load this GGUF file ({type(err).__name__}: {message[:200]})."
+            ) from None
+        _remove_legacy_temps(os.path.dirname(target))
+        # A directory at `target` without the marker is an interrupted conversion of an older alps_trl: replaced.
+        with atomic_directory(target, replaceable=lambda d: not is_converted(d), what="GGUF conversion") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
+                json.dump({"gguf_file": path, "sha256": digest, "dtype": dtype}, f, indent=2)
     return target
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: str) -> Iterator[None]:
+    """An exclusive `fcntl.flock` on ``<target>.lock`` (none where fcntl is missing, e.g. Windows)."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(f"{target}.lock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+LEGACY_TEMP_PREFIX = ".converting-"
+LEGACY_TEMP_AGE = 3600.0
+
+
+def _remove_legacy_temps(folder: str) -> None:
+    """Remove the ``.converting-*`` directories that killed conversions of older alps_trl versions left (they
+    took no lock, so only those untouched for an hour)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(LEGACY_TEMP_PREFIX) and time.time() - entry.stat().st_mtime > LEGACY_TEMP_AGE:
+                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None, cache_dir: str | None = None) -> str:

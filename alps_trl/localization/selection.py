@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from alps_trl.localization.atomic import atomic_write_file, write_text_atomic
+
 if TYPE_CHECKING:
     import torch
 
@@ -339,13 +341,9 @@ class HeadSelection:
         return sel
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write this selection as JSON (atomically: a crash never leaves a half-written file)."""
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        """Write this selection as JSON (atomically, `atomic_write_file`: a crash or a kill leaves the previous
+        file or the new one, never part of one; a failed write raises an OSError naming `path`)."""
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadSelection:
@@ -397,8 +395,11 @@ class HeadSelection:
         )
         fig.colorbar(im, ax=ax, label=label)
         fig.tight_layout()
-        fig.savefig(os.fspath(path), dpi=100)
-        plt.close(fig)
+        try:
+            with atomic_write_file(path, suffix=".png") as temp:
+                fig.savefig(temp, dpi=100, format="png")
+        finally:
+            plt.close(fig)
 
     def summary(self, top: int = 10) -> str:
         """Compact text: count, per-layer counts, top heads and score statistics."""

@@ -8,11 +8,11 @@ layers x heads heatmap, selected heads outlined).
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 from transformers.utils import logging
 
+from alps_trl.localization.atomic import copy_file_atomic
 from alps_trl.localization.selection import HeadSelection
 
 logger = logging.get_logger(__name__)
@@ -82,7 +82,7 @@ def copy_selection_files(source_dir: str, target_dir: str) -> None:
     for name in (HEADS_FILE, HEATMAP_FILE):
         src = os.path.join(source_dir, name)
         if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(target_dir, name))
+            copy_file_atomic(src, os.path.join(target_dir, name))
 
 
 def log_heatmap_to_trackers(callbacks: list[Any], png_path: str | None) -> None:

@@ -18,6 +18,7 @@ import torch
 from transformers.utils import logging
 
 from alps_trl.localization.anatomy import AttentionLayout
+from alps_trl.localization.atomic import atomic_directory, atomic_write_file
 from alps_trl.localization.selection import HeadSelection
 
 logger = logging.get_logger(__name__)
@@ -82,7 +83,10 @@ def save_delta_file(
     rest_trained: bool = False,
 ) -> None:
     """Save a delta dict as safetensors; metadata: format, version, selection JSON, base model name, and whether the
-    run also trained the rest of the network (`rest_trained`: then the deltas are not all it changed)."""
+    run also trained the rest of the network (`rest_trained`: then the deltas are not all it changed).
+
+    Atomic (`atomic_write_file`): a kill or a failed write leaves the previous file or nothing at `path`; a
+    failed write raises an OSError naming `path`."""
     from safetensors.torch import save_file
 
     metadata = {
@@ -94,9 +98,9 @@ def save_delta_file(
         "restrict_o_proj": json.dumps(bool(restrict_o_proj)),
         "rest_trained": json.dumps(bool(rest_trained)),
     }
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({k: v.contiguous() for k, v in deltas.items()}, path, metadata=metadata)
+    tensors = {k: v.contiguous() for k, v in deltas.items()}
+    with atomic_write_file(path) as temp:
+        save_file(tensors, temp, metadata=metadata)
 
 
 def load_delta_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], HeadSelection, dict[str, str]]:
@@ -269,17 +273,21 @@ def merge_delta_checkpoint(
     Args:
         base_path: the full-precision base model directory (or a hub id in the local HF cache).
         delta_path: a delta file written by `DeltaRestriction.save_delta`.
-        output_path: new directory (must differ from the base directory).
+        output_path: the output directory (not the base directory, nor one holding the inputs). It is written
+            atomically (`atomic_directory`): built in a hidden sibling directory, then renamed into place, so a
+            kill or a failed write (full disk, read-only directory) leaves the previous output or nothing. An
+            existing `output_path` is replaced as a whole, and only when it is an earlier checkpoint (holds a
+            config.json) or empty.
 
     Returns:
         The output directory.
     """
-    from safetensors.torch import save_file
 
     base_dir = _resolve_checkpoint_dir(base_path)
     output_path = os.fspath(output_path)
     if os.path.abspath(output_path) == os.path.abspath(base_dir):
         raise ValueError("The output directory must differ from the base checkpoint directory.")
+    check_output_outside_inputs(output_path, base_dir, delta_path)
     config_path = os.path.join(base_dir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{base_dir!r} has no config.json: pass a Hugging Face model directory.")
@@ -300,7 +308,38 @@ def merge_delta_checkpoint(
     all_names = {n for names in names_by_file.values() for n in names}
     deltas = _translate_names(parsed, config, all_names)
 
-    os.makedirs(output_path, exist_ok=True)
+    with atomic_directory(output_path, replaceable=_is_checkpoint_dir, what="checkpoint") as temp:
+        applied = _write_merged(base_dir, temp, files, index_name, deltas, os.fspath(delta_path))
+    logger.info(
+        f"Merged {len(applied)} ALPS deltas ({len(selection.heads)} heads, base {metadata.get('base_model') or '?'}) "
+        f"into {output_path}."
+    )
+    return output_path
+
+
+def _is_checkpoint_dir(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, "config.json"))
+
+
+def check_output_outside_inputs(output_path: str | os.PathLike, *inputs: str | os.PathLike) -> None:
+    """Refuse an output directory that is, or holds, one of the inputs: replacing it would delete them."""
+    out = os.path.realpath(os.fspath(output_path))
+    for item in inputs:
+        src = os.path.realpath(os.fspath(item))
+        if src == out or src.startswith(out + os.sep):
+            raise ValueError(
+                f"The output directory {os.fspath(output_path)} holds the input {os.fspath(item)}: it is replaced "
+                "as a whole, so pass a new directory."
+            )
+
+
+def _write_merged(
+    base_dir: str, output_path: str, files: list[str], index_name: str | None, deltas: dict, delta_path: str
+) -> set[str]:
+    """Write the merged shards, the index and the other files of `base_dir` into `output_path`; the names merged.
+    `delta_path` names the delta file in errors."""
+    from safetensors.torch import save_file
+
     applied: set[str] = set()
     weight_map: dict[str, str] = {}
     for name in files:
@@ -311,7 +350,7 @@ def merge_delta_checkpoint(
                 try:
                     check_delta(key, delta, index, dim, tuple(shard[key].shape))
                 except ValueError as err:
-                    raise ValueError(f"{os.fspath(delta_path)!r} does not fit the base checkpoint: {err}") from None
+                    raise ValueError(f"{delta_path!r} does not fit the base checkpoint: {err}") from None
                 shard[key] = apply_delta(shard[key], delta, index, dim)
                 applied.add(key)
         out_name = name if name.endswith(".safetensors") else _safetensors_name(name)
@@ -332,11 +371,7 @@ def merge_delta_checkpoint(
         if not os.path.isfile(src) or entry in WEIGHT_INDEXES or entry.endswith(WEIGHT_SUFFIXES):
             continue
         shutil.copyfile(src, os.path.join(output_path, entry))
-    logger.info(
-        f"Merged {len(applied)} ALPS deltas ({len(selection.heads)} heads, base {metadata.get('base_model') or '?'}) "
-        f"into {output_path}."
-    )
-    return output_path
+    return applied
 
 
 def _safetensors_name(bin_name: str) -> str:

@@ -29,10 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from alps_trl.localization.anatomy import AttentionLayout
+from alps_trl.localization.atomic import atomic_directory
 from alps_trl.localization.selection import HeadSelection
 from alps_trl.restriction.delta_checkpoint import (
     _resolve_checkpoint_dir,
     check_delta,
+    check_output_outside_inputs,
     load_delta_file,
     read_config,
     split_delta_state_dict,
@@ -179,15 +181,20 @@ def save_adapter(
     base_model: str,
     uniform_rank: bool = False,
     o_proj_has_bias: bool = False,
+    replace_any: bool = False,
 ) -> AdapterInfo:
     """Write trained deltas as a PEFT LoRA adapter directory (see the module docstring).
 
     Args:
         deltas, layout, selection, uniform_rank: as in `lora_tensors`.
-        directory: the adapter directory (created; files of an earlier adapter are overwritten).
+        directory: the adapter directory. Written atomically (`atomic_directory`): built in a hidden sibling
+            directory and renamed into place, so a kill or a failed write leaves the previous adapter or nothing.
+            An existing directory is replaced as a whole, and only when it is an earlier adapter (holds
+            adapter_config.json) or empty, unless `replace_any`.
         base_model: ``base_model_name_or_path`` of the adapter: the base it applies to (a 4-bit base's name
             gives a QLoRA-style adapter over that base).
         o_proj_has_bias: whether the model's o_proj has a bias (only matters with bias deltas and o_proj columns).
+        replace_any: replace whatever `directory` holds (for a directory the caller owns, e.g. a run's adapter/).
     """
     from safetensors.torch import save_file
 
@@ -205,16 +212,19 @@ def save_adapter(
             key = f"{PEFT_PREFIX}{module}.lora_B"
             tensors.setdefault(f"{key}.bias", torch.zeros(tensors[f"{key}.weight"].shape[0]))
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    lora_config(ranks, base_model=base_model, uniform_rank=uniform_rank, lora_bias=lora_bias).save_pretrained(
-        directory
-    )
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, ADAPTER_WEIGHTS), {"format": "pt"}
-    )
-    selection.save(os.path.join(directory, ADAPTER_HEADS))
-    size = sum(os.path.getsize(os.path.join(directory, f)) for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
+    config = lora_config(ranks, base_model=base_model, uniform_rank=uniform_rank, lora_bias=lora_bias)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    replaceable = None if replace_any else _is_adapter_dir
+    with atomic_directory(directory, replaceable=replaceable, what="PEFT adapter") as temp:
+        config.save_pretrained(temp)
+        save_file(tensors, os.path.join(temp, ADAPTER_WEIGHTS), {"format": "pt"})
+        selection.save(os.path.join(temp, ADAPTER_HEADS))
+        size = sum(os.path.getsize(os.path.join(temp, f)) for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
     return AdapterInfo(directory, dict(ranks), uniform_rank, size)
+
+
+def _is_adapter_dir(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, ADAPTER_CONFIG))
 
 
 def delta_file_to_adapter(
@@ -230,6 +240,7 @@ def delta_file_to_adapter(
     ``base_model_name_or_path`` is `base_path` as given, so a hub id stays a hub id.
     """
     base_dir = _resolve_checkpoint_dir(base_path)
+    check_output_outside_inputs(directory, base_dir, delta_path)
     config_path = os.path.join(base_dir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{base_dir!r} has no config.json: pass the base model's Hugging Face directory.")

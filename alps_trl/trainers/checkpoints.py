@@ -9,9 +9,11 @@ delta file, so the base (and the DPO reference) stay exactly the original model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +22,14 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.utils import logging
 
 from alps_trl.localization.anatomy import unwrap_model
+from alps_trl.localization.atomic import (
+    cleanup_stale,
+    fsync_path,
+    is_write_error,
+    output_error,
+    sibling_path,
+    write_text_atomic,
+)
 from alps_trl.restriction import is_quantized
 from alps_trl.restriction.delta import load_delta_file, save_delta_file
 from alps_trl.restriction.peft_export import AdapterInfo, save_adapter
@@ -104,6 +114,71 @@ def checkpoint_step(checkpoint: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# Hidden staging directories of `staged_save` are named after this (inside the output directory).
+STAGING_NAME = "alps-save"
+# Weight files of a save_pretrained checkpoint: an earlier save's ones that the new save does not write are stale.
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def staged_save(output_dir: str, save: Callable[[str], Any]) -> None:
+    """Run `save(directory)` (e.g. Trainer's `_save`) into a hidden staging directory inside `output_dir`, then move
+    each file it wrote into `output_dir` with ``os.replace``.
+
+    `output_dir` is shared with other files (checkpoint-* folders, logs), so it cannot be swapped as a whole;
+    instead every file in it is the previous complete one or the new complete one, never part of one. The
+    non-weight files move first, then the weight shards, then the shard index, and last the weight files of an
+    earlier save that this one did not write are deleted (as `save_pretrained` does); a kill in the middle of the
+    moves can leave old and new files side by side, each complete. A failed save (full disk, read-only
+    directory) moves nothing: it raises an OSError naming the path and leaves `output_dir` as it was. The next
+    save removes the staging directory a killed one left.
+    """
+    output_dir = os.path.abspath(output_dir)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as err:
+        raise output_error(err, output_dir) from None
+    anchor = os.path.join(output_dir, STAGING_NAME)
+    cleanup_stale(anchor)
+    staging = sibling_path(anchor)
+    try:
+        os.mkdir(staging)
+        save(staging)
+        names = sorted(os.listdir(staging), key=_move_order)
+        for name in names:
+            path = os.path.join(staging, name)
+            if os.path.isfile(path):
+                fsync_path(path)
+        for name in names:
+            _replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        for name in os.listdir(output_dir):
+            if WEIGHT_FILE.match(name) and name not in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(output_dir, name))
+        fsync_path(output_dir)
+    except Exception as err:
+        if is_write_error(err, staging):
+            raise output_error(err, output_dir, staging) from err
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_order(name: str) -> tuple[int, str]:
+    if not WEIGHT_FILE.match(name):
+        return 0, name
+    return (2 if name.endswith(".index.json") else 1), name
+
+
+def _replace(source: str, target: str) -> None:
+    if not os.path.isdir(source) or not os.path.isdir(target):
+        os.replace(source, target)
+        return
+    old = sibling_path(target, "old")  # a directory: the old one aside, the new one in (see atomic_directory)
+    os.rename(target, old)
+    os.rename(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def is_sharded_checkpoint(checkpoint: str) -> bool:
     """True for a checkpoint saved by FSDP with SHARDED_STATE_DICT (a pytorch_model_fsdp_* folder).
 
@@ -170,6 +245,7 @@ def write_adapter(
         base_model=getattr(config, "_name_or_path", "") or "",
         uniform_rank=uniform_rank,
         o_proj_has_bias=getattr(inner.get_submodule(o_module), "bias", None) is not None,
+        replace_any=True,
     )
     logger.warning(
         f"ALPS: saved the trained heads as a PEFT LoRA adapter in {directory} (largest rank {info.max_rank}; "
@@ -186,21 +262,25 @@ def save_quantized_run(
     processing_class: Any,
     args: Any,
 ) -> None:
-    """Save what a quantized-base run can: the delta file, tokenizer, training args and a merge hint."""
-    os.makedirs(output_dir, exist_ok=True)
+    """Save what a quantized-base run can: the delta file, tokenizer, training args and a merge hint (each file
+    atomically, see `staged_save`)."""
     base = getattr(unwrap_model(model).config, "_name_or_path", "") or "BASE_MODEL_DIR"
     delta_path = os.path.join(output_dir, DELTA_FILE)
-    write_delta_file(model, restriction, deltas, delta_path, base_model=base)
-    if processing_class is not None:
-        processing_class.save_pretrained(output_dir)
-    torch.save(args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-    with open(os.path.join(output_dir, MERGE_HINT_FILE), "w") as f:
-        f.write(
+
+    def save(directory: str) -> None:
+        write_delta_file(model, restriction, deltas, os.path.join(directory, DELTA_FILE), base_model=base)
+        if processing_class is not None:
+            processing_class.save_pretrained(directory)
+        torch.save(args, os.path.join(directory, TRAINING_ARGS_NAME))
+        write_text_atomic(
+            os.path.join(directory, MERGE_HINT_FILE),
             "# ALPS deltas over a quantized base\n\n"
             f"`{DELTA_FILE}` holds the trained rows of the selected heads. Apply them to the full-precision "
             "base to get a standard checkpoint:\n\n"
-            f"```\nalps-merge {base} {delta_path} MERGED_OUTPUT_DIR\n```\n"
+            f"```\nalps-merge {base} {delta_path} MERGED_OUTPUT_DIR\n```\n",
         )
+
+    staged_save(output_dir, save)
     logger.warning(f"ALPS: saved deltas to {output_dir}; merge: alps-merge {base} {delta_path} OUT")
 
 

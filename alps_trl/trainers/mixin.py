@@ -260,8 +260,15 @@ class AlpsTrainerMixin:
                 full = state_dict if state_dict is not None else self.model.state_dict()
                 # Trainer's placeholder save ({}: ZeRO-3 without 16-bit gathering, FSDP writers without a full
                 # state dict) has nothing to merge into; the deltas go to their own file beside it either way.
-                super()._save(output_dir, state_dict=merge_state_dict(full, deltas) if full else full)
-                checkpoints.write_delta_file(self.model, restriction, deltas, os.path.join(output_dir, DELTA_FILE))
+                merged = merge_state_dict(full, deltas) if full else full
+
+                def save(directory: str) -> None:
+                    super(AlpsTrainerMixin, self)._save(directory, state_dict=merged)
+                    checkpoints.write_delta_file(self.model, restriction, deltas, os.path.join(directory, DELTA_FILE))
+
+                checkpoints.staged_save(output_dir, save)  # each file atomically
+        elif self.args.should_save:
+            checkpoints.staged_save(output_dir, functools.partial(super()._save, state_dict=state_dict))
         else:
             super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save and self._alps_selection is not None:
