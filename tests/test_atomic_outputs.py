@@ -729,10 +729,11 @@ def _kill_when(code: str, appears: callable, delays: list[float], env: dict | No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("to_peft", [False, True], ids=["checkpoint", "to_peft"])
-def test_alps_merge_killed_at_every_call(world, tmp_path, to_peft):
+def test_alps_merge_killed_at_every_call(world, tmp_path):
+    """Every rename, replace, mkdir, unlink and write of a merge, one kill each (the --to-peft output goes through the
+    same atomic_directory; its chosen kill points are in test_killed_alps_merge_leaves_old_or_new)."""
     out = tmp_path / "out"
-    extra = ("--to-peft",) if to_peft else ()
+    extra = ()
 
     def code_for(delta):
         args = [str(world / "base"), str(world / delta), str(out), *extra]
