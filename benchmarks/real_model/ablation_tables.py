@@ -7,9 +7,9 @@ from benchmarks.real_model.ablations import PAPER_TABLE, percent
 from benchmarks.real_model.tables import MISSING, fmt_interval, mean_std
 
 DIFF_NOTE = (
-    "Differences are paired (same seeds, same batches): mean [95% t interval over seeds] and, after the semicolon, "
-    "[95% bootstrap over test items pooled across those seeds]. With 2 seeds the t interval is wide (t = 12.7 at 1 "
-    "degree of freedom); the bootstrap shows item noise only."
+    "Differences are paired (same seeds, same batches) over the seeds both rows have: mean [95% t interval over "
+    "seeds] and, after the semicolon, [95% bootstrap over test items pooled across those seeds]. With 2 seeds the t "
+    "interval is wide (t = 12.7 at 1 degree of freedom, 2.78 at 4 with 5 seeds); the bootstrap shows item noise only."
 )
 
 
@@ -22,14 +22,16 @@ def _em(runs: list[dict], seeds: list[int]) -> str:
 SELF = "—"  # a row compared with itself
 
 
-def _diff(paired: dict, key: str) -> str:
+def _diff(paired: dict, key: str, pairs: bool = False) -> str:
+    """The paired difference against `key`'s row; `pairs`: followed by the number of seeds it pairs."""
     if key not in paired:
         return SELF
     p = paired[key]
     if p is None:
         return MISSING
     boot = p["em_bootstrap"]
-    return f"{fmt_interval(p['em'])}; [{100 * boot[1]:+.1f}, {100 * boot[2]:+.1f}]"
+    n = f" ({len(p['seeds'])} seeds)" if pairs else ""
+    return f"{fmt_interval(p['em'])}; [{100 * boot[1]:+.1f}, {100 * boot[2]:+.1f}]{n}"
 
 
 def _forgetting(runs: list[dict]) -> tuple[str, str]:
@@ -51,18 +53,25 @@ def _lr(runs: list[dict]) -> str:
 
 def sections(ab: dict) -> list[str]:
     """Every ablation part that has data or was planned: ratio, metric, transfer, Table 1."""
-    seeds = ab["seeds"]
+    seeds, t1 = ab["seeds"], ab["table1"]
+    many = ""
+    if t1.get("many_seed_variants") and t1.get("many_seeds") != seeds:
+        many = (
+            f" except in the Table 1 setting, where {', '.join(t1['many_seed_variants'])} and the head-only "
+            f"references run seeds {t1['many_seeds']}"
+        )
     lines = [
         "## The paper's ablations on this model",
         "",
-        f"Same model, data, training sizes and learning-rate choice as above; seeds {seeds} for every row (a row that "
-        "is a head-choice arm is that arm's runs at these seeds, not a rerun). " + DIFF_NOTE,
+        f"Same model, data, training sizes and learning-rate choice as above; seeds {seeds} for every row{many} (a "
+        "row that is a head-choice arm is that arm's runs at these seeds, not a rerun; at a seed that arm does not "
+        "run, the row trains exactly as the arm, into its own file). " + DIFF_NOTE,
         "",
     ]
     lines += _ratio(ab["ratio"], seeds)
     lines += _metric(ab["metric"], seeds)
     lines += _transfer(ab["transfer"], seeds)
-    lines += _table1(ab["table1"], seeds)
+    lines += _table1(t1)
     lines += _sweeps(ab["sweeps"])
     return lines
 
@@ -186,7 +195,7 @@ def _transfer(d: dict, seeds: list[int]) -> list[str]:
     return lines + [""]
 
 
-def _table1(d: dict, seeds: list[int]) -> list[str]:
+def _table1(d: dict) -> list[str]:
     lines = [
         "### The paper's main setting: the rest of the network trains too "
         f"(mirrors the paper's {PAPER_TABLE['table1']})",
@@ -194,7 +203,9 @@ def _table1(d: dict, seeds: list[int]) -> list[str]:
         "`alps_train_non_attention=True`: the MLPs, norms, embeddings and o_proj train as in full fine-tuning, and "
         'only the q/k/v rows of unselected heads stay frozen ("w/o attn": every q/k/v row frozen). These arms use '
         "Full's learning rate (they train almost the whole network); LoRA r128 (q/k/v only, the rest frozen, alpha "
-        "256) has its own sweep. The head-only rows are the head-choice arms, for comparison.",
+        "256) has its own sweep. The head-only rows are the head-choice arms, for comparison. Exact match: mean ± "
+        "std over the row's seeds (runs found / seeds planned); each difference pairs the seeds both rows have (their "
+        "number after it).",
         "",
     ]
     for fam, rows in d["families"].items():
@@ -208,8 +219,8 @@ def _table1(d: dict, seeds: list[int]) -> list[str]:
             runs = row["runs"]
             know, ppl = _forgetting(runs)
             lines.append(
-                f"| {row['label']} | {_em(runs, seeds)} | {know} | {ppl} | {_trainable(runs)} | {_lr(runs)} | "
-                f"{_diff(row['paired'], 'full')} | {_diff(row['paired'], 'random_rest')} |"
+                f"| {row['label']} | {_em(runs, row['seeds'])} | {know} | {ppl} | {_trainable(runs)} | {_lr(runs)} | "
+                f"{_diff(row['paired'], 'full', True)} | {_diff(row['paired'], 'random_rest', True)} |"
             )
         lines.append("")
     return lines

@@ -10,8 +10,14 @@ Parts, each mirroring one table of the ALPS paper:
 - ``table1`` (Table 1): the rest of the network trains too (`train_non_attention=True`): ALPS, Random, Importance
   and LC heads, "w/o attn" (every q/k/v row frozen), LoRA r128 on q/k/v, and Full.
 
-A variant that is exactly a head-choice arm (same heads, same training) is not run again: its result is that arm's
-file (`Variant.reuse`). Every other variant writes `ablations/<part>/<family>/<variant>/seed<N>.json`.
+Seeds: every variant runs `AblationSizes.seeds`, except Table 1's main comparison (`table1_many_seed_variants`: ALPS,
+Random and Importance + rest, and Full), which runs `table1_many_seeds` (`seeds_of`).
+
+A variant that is exactly a head-choice arm (same heads, same training) is not run again: at the seeds that arm runs,
+its result is that arm's file `runs/<family>/<arm>/seed<N>.json` (`Variant.reuse`, `reused`). At any other seed (Full
+in Table 1 runs 5 seeds, the head-choice Full arm 3), and for every other variant, the variant trains (for a reused arm
+exactly as the arm does) into `ablations/<part>/<family>/<variant>/seed<N>.json`, so the head-choice tables keep their
+own seeds.
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ class AblationSizes:
     """What the ablation parts run (kept in ablations/config.json); training sizes are the head-choice run's."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1])
+    # Table 1's main comparison (the selections with the rest training, against each other and Full) runs more seeds.
+    table1_many_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    table1_many_seed_variants: list[str] = field(
+        default_factory=lambda: ["alps_rest", "random_rest", "importance_rest", "full"]
+    )
     ratios: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2, 0.5])
     ratio_family: str = "arithmetic"
     metric_family: str = "arithmetic"
@@ -53,10 +64,16 @@ class AblationSizes:
 
 ABLATION_QUICK = AblationSizes(
     seeds=[0],
+    table1_many_seeds=[0],
     ratios=[0.05, 0.1],
     table1_families=["arithmetic"],
     lr_grid={"lora128": [3e-4], "heads_5%": [1e-3]},
 )
+
+
+# Fields of AblationSizes that a run's directory may gain, or whose lists may grow, without refusing to resume: seeds
+# only add result files, and no finished file depends on them (`Store.check_config`).
+GROWABLE = ("table1_many_seeds", "table1_many_seed_variants")
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,24 @@ class Variant:
     lr_family: str = "heads"
     lora_rank: int = 8
     reuse: str | None = None
+
+
+def seeds_of(v: Variant, sizes: AblationSizes) -> list[int]:
+    """The seeds variant `v` runs."""
+    if v.part == "table1" and v.name in sizes.table1_many_seed_variants:
+        return sizes.table1_many_seeds
+    return sizes.seeds
+
+
+def all_seeds(sizes: AblationSizes) -> list[int]:
+    """Every seed some variant runs."""
+    return sorted(set(sizes.seeds) | set(sizes.table1_many_seeds))
+
+
+def reused(v: Variant, seed: int, arm_seeds: list[int]) -> bool:
+    """Whether `v`'s result at `seed` is its head-choice arm's file: `v` is that arm (`v.reuse`) and the arm runs
+    `seed` (`arm_seeds`, the head-choice seeds of `v.reuse`). Otherwise `v` has its own file at `seed`."""
+    return v.reuse is not None and seed in arm_seeds
 
 
 def percent(ratio: float) -> str:

@@ -37,9 +37,14 @@ def plan(
 ) -> list[Job]:
     """Every job of the run in order of information, each once; dependencies (task model, lr sweep) come just
     before the first job that needs them. The head-choice part first, then the ablation parts (cheapest first),
-    seed by seed; an ablation variant that is a head-choice arm is that arm's job."""
+    seed by seed; an ablation variant that is a head-choice arm is that arm's job at the seeds that arm runs."""
     st, s = exp.store, exp.sizes
     jobs: dict[str, Job] = {}
+
+    def arm_seeds(arm: str | None) -> list[int]:
+        if arm is None:
+            return []
+        return s.main_seeds if ARMS[arm].many_seeds else s.other_seeds
 
     def add(name: str, path: str, kind: str, run: Callable[[], dict]) -> None:
         jobs.setdefault(path, Job(name, path, kind, run))
@@ -83,7 +88,7 @@ def plan(
             )
 
     def run_variant(fam: str, v: ablations.Variant, seed: int) -> None:
-        if v.reuse:
+        if ablations.reused(v, seed, arm_seeds(v.reuse)):
             return run(fam, v.reuse, seed)
         if v.heads == "alps":
             task_model(v.heads_from or fam)
@@ -114,7 +119,7 @@ def plan(
                 base(fam)
                 for seed in sorted(set(s.main_seeds) | set(s.other_seeds)):  # seed by seed: pairs complete early
                     for arm in (a for a in stage if a in arms):
-                        if seed in (s.main_seeds if ARMS[arm].many_seeds else s.other_seeds):
+                        if seed in arm_seeds(arm):
                             if seeds is None or seed in seeds:
                                 run(fam, arm, seed)
     # Cheapest part first, so that whole tables complete early; the references each table shows come along.
@@ -122,9 +127,13 @@ def plan(
     for part in ("transfer", "metric", "ratio", "table1"):
         if part not in parts:
             continue
-        for seed in (x for x in exp.ablation.seeds if seeds is None or x in seeds):
+        for seed in (x for x in ablations.all_seeds(exp.ablation) if seeds is None or x in seeds):
             for fam in families:
-                found = ablations.variants(part, fam, families, exp.ablation, s.ratio)
+                found = [
+                    v
+                    for v in ablations.variants(part, fam, families, exp.ablation, s.ratio)
+                    if seed in ablations.seeds_of(v, exp.ablation)
+                ]
                 if not found:
                     continue
                 base(fam)
@@ -165,15 +174,43 @@ def throttled(seconds: float, fn: Callable[[], None]) -> Callable[[], None]:
     return call
 
 
-def execute(jobs: list[Job], store: Store, sizes: Sizes, device: str, log, after_each) -> None:
-    """Run every job whose file is missing, in order; print progress and an ETA from measured job times."""
-    todo = [j for j in jobs if not os.path.isfile(j.path)]
-    log(f"{len(jobs)} jobs planned, {len(jobs) - len(todo)} already done, {len(todo)} to run")
-    measured = store.job_times()
+def pending(jobs: list[Job]) -> list[Job]:
+    """The jobs whose result file is missing, in order."""
+    return [j for j in jobs if not os.path.isfile(j.path)]
+
+
+def job_cost(measured: dict[str, list[float]], sizes: Sizes, device: str) -> Callable[[str], float]:
+    """Seconds a job of a kind is expected to take: the median measured time of its kind (one diverged run is slow),
+    else the prior `estimate`."""
 
     def cost(kind: str) -> float:
         times = measured.get(kind)
-        return statistics.median(times) if times else estimate(kind, sizes, device)  # median: one diverged run is slow
+        return statistics.median(times) if times else estimate(kind, sizes, device)
+
+    return cost
+
+
+def list_jobs(jobs: list[Job], store: Store, sizes: Sizes, device: str) -> list[str]:
+    """The pending jobs, one line each (name, file, kind, expected minutes), then the total: a dry run."""
+    todo = pending(jobs)
+    cost = job_cost(store.job_times(), sizes, device)
+    lines = [
+        f"{j.name}  ->  {os.path.relpath(j.path, store.root)}  [{j.kind}, ~{cost(j.kind) / 60:.1f} min]" for j in todo
+    ]
+    total = sum(cost(j.kind) for j in todo)
+    lines.append(
+        f"{len(jobs)} jobs planned, {len(jobs) - len(todo)} already done, {len(todo)} to run; "
+        f"about {total / 60:.0f} min ({total / 3600:.2f} h) at the measured median time of each job kind"
+    )
+    return lines
+
+
+def execute(jobs: list[Job], store: Store, sizes: Sizes, device: str, log, after_each) -> None:
+    """Run every job whose file is missing, in order; print progress and an ETA from measured job times."""
+    todo = pending(jobs)
+    log(f"{len(jobs)} jobs planned, {len(jobs) - len(todo)} already done, {len(todo)} to run")
+    measured = store.job_times()
+    cost = job_cost(measured, sizes, device)
 
     for i, job in enumerate(todo):
         start = time.time()

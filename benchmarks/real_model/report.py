@@ -136,14 +136,24 @@ def collect_ablations(store: Store, meta: dict) -> dict:
     fams, seeds = list(sizes["families"]), ab["seeds"]
     layers, heads = 30, 9  # SmolLM2-135M-Instruct
 
-    def kept(runs: list[dict]) -> list[dict]:
-        return [r for r in runs if r["seed"] in seeds]
+    def kept(runs: list[dict], wanted: list[int] = seeds) -> list[dict]:
+        return [r for r in runs if r["seed"] in wanted]
 
-    def head_choice(fam: str, arm: str) -> list[dict]:
-        return kept(store.runs(fam, arm))
+    def head_choice(fam: str, arm: str, wanted: list[int] = seeds) -> list[dict]:
+        return kept(store.runs(fam, arm), wanted)
+
+    def arm_seeds(arm: str) -> list[int]:
+        return sizes["main_seeds"] if meta["arms"][arm]["many_seeds"] else sizes["other_seeds"]
 
     def runs_of(fam: str, v: real_ablations.Variant) -> list[dict]:
-        return head_choice(fam, v.reuse) if v.reuse else kept(store.ablation_runs(v.part, fam, v.name))
+        """`v`'s runs at its seeds: its head-choice arm's file where `v` reuses it, else its own."""
+        wanted = real_ablations.seeds_of(v, ab_sizes)
+        found = store.ablation_runs(v.part, fam, v.name)
+        if v.reuse:
+            shared = arm_seeds(v.reuse)
+            found = [r for r in found if not real_ablations.reused(v, r["seed"], shared)]
+            found += [r for r in store.runs(fam, v.reuse) if real_ablations.reused(v, r["seed"], shared)]
+        return sorted(kept(found, wanted), key=lambda r: r["seed"])
 
     def variants(part: str, fam: str) -> list[real_ablations.Variant]:
         return real_ablations.variants(part, fam, fams, ab_sizes, sizes["ratio"])
@@ -222,18 +232,23 @@ def collect_ablations(store: Store, meta: dict) -> dict:
         transfer["overlap"] = overlap_stats(selections[0]["heads"], selections[1]["heads"], layers * heads)
     out["transfer"] = transfer
 
-    table1: dict[str, Any] = {"families": {}}
+    many, many_names = ab_sizes.table1_many_seeds, ab_sizes.table1_many_seed_variants
+    table1: dict[str, Any] = {"families": {}, "many_seeds": many, "many_seed_variants": []}
     for fam in fams:
         found = variants("table1", fam)
         if not found:
             continue
+        table1["many_seed_variants"] = [v.label for v in found if v.name in many_names]
         runs = {v.name: runs_of(fam, v) for v in found}
-        rows = [{"label": v.label, "runs": runs[v.name]} for v in found]
-        rows += [
-            {"label": "ALPS 10%, head-only (head-choice arm)", "runs": head_choice(fam, "alps")},
-            {"label": "Random 10%, head-only (head-choice arm)", "runs": head_choice(fam, "random")},
+        rows = [{"label": v.label, "runs": runs[v.name], "seeds": real_ablations.seeds_of(v, ab_sizes)} for v in found]
+        rows += [  # references at the many seeds: the head-choice arms have them
+            {"label": label, "runs": head_choice(fam, arm, many), "seeds": many}
+            for label, arm in (
+                ("ALPS 10%, head-only (head-choice arm)", "alps"),
+                ("Random 10%, head-only (head-choice arm)", "random"),
+            )
         ]
-        for row in rows:
+        for row in rows:  # paired over the seeds both rows have
             row["paired"] = {
                 key: paired(row["runs"], runs[key]) for key in ("full", "random_rest") if row["runs"] is not runs[key]
             }

@@ -4,6 +4,7 @@ Usage:
     python -m benchmarks.real_model.reproduce --output-dir DIR                # full run (resumable; ~3 h, 2 cores)
     python -m benchmarks.real_model.reproduce --quick                         # pipeline check, < 5 min, temp dir
     python -m benchmarks.real_model.reproduce --output-dir DIR --report-only  # rebuild RESULTS_REAL.md from DIR
+    python -m benchmarks.real_model.reproduce --output-dir DIR --list-jobs    # dry run: the jobs a run would do
     python -m benchmarks.real_model.reproduce --device cuda --output-dir DIR  # larger configuration for a GPU
     ... --families arithmetic --arms alps random importance --seeds 0 1       # filters
     ... --parts ratio metric transfer table1                                  # only the paper's ablations (~1.5 h)
@@ -13,7 +14,8 @@ The committed run's directory is benchmarks/results/real_model: a command on it 
 Parts (default: all): `headchoice`, the question below; and the paper's ablations (`real_model.ablations`), each
 its own table: `ratio` (Table 4: 2-50% of the heads), `metric` (Table 5: PAD, KL, JS, Euclidean, cosine), `transfer`
 (Table 2: one family's heads trained on the other) and `table1` (Table 1: the rest of the network trains too, with
-LC, w/o attn, LoRA r128 and Full). An ablation row that is a head-choice arm reuses that arm's result files.
+LC, w/o attn, LoRA r128 and Full). An ablation row that is a head-choice arm reuses that arm's result files. The
+ablations run seeds 0-1, Table 1's ALPS, Random and Importance + rest and Full seeds 0-4 (`ablations.AblationSizes`).
 
 Protocol (RESULTS_REAL.md states the sizes): two task families on which the base scores ~0% (`real_model.tasks`), each
 with disjoint splits A (the task model's data), B (the arms' training data), validation and test. ALPS's task model is
@@ -51,7 +53,7 @@ from benchmarks.real_model import ablations, report
 from benchmarks.real_model import knowledge as rk
 from benchmarks.real_model import tasks as rt
 from benchmarks.real_model.config import ARMS, CALIBRATION, CUDA, NEEDS_TASK_MODEL, QUICK, Sizes
-from benchmarks.real_model.plan import REPORT_EVERY_S, execute, plan, throttled
+from benchmarks.real_model.plan import REPORT_EVERY_S, execute, list_jobs, plan, throttled
 from benchmarks.real_model.store import Store
 
 
@@ -392,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one family, one seed, a few steps, tiny evaluation")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: more seeds and evaluation items)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from the files; no training")
+    parser.add_argument(
+        "--list-jobs",
+        action="store_true",
+        help="dry run: print each job the command would run (its result file is missing), one a line, with the "
+        "expected time; loads no model and writes nothing",
+    )
     parser.add_argument("--families", nargs="+", help="only these task families")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="only these arms (and what they need)")
     parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (sweeps always run at seed 0)")
@@ -414,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(args.families) - set(sizes.families)
         if unknown:
             parser.error(f"unknown families {sorted(unknown)}; choose from {list(sizes.families)}")
+    if args.list_jobs and args.report_only:
+        parser.error("--list-jobs and --report-only exclude each other")
     out = args.output_dir or (tempfile.mkdtemp(prefix="alps_real_quick_") if args.quick else None)
     if out is None:
         parser.error("--output-dir is required (except with --quick)")
@@ -436,10 +446,16 @@ def main(argv: list[str] | None = None) -> int:
         report.write_report(store, meta, command)
         log(f"report rebuilt: {store.path(report.RESULTS_MD)}")
         return 0
-    store.check_config(asdict(sizes))
-    store.check_config(asdict(ablation), os.path.join("ablations", "config.json"))
+    record = not args.list_jobs  # a dry run records nothing
+    store.check_config(asdict(sizes), write=record)
+    store.check_config(
+        asdict(ablation), os.path.join("ablations", "config.json"), growable=ablations.GROWABLE, write=record
+    )
     exp = RealModelExperiment(sizes, store, args.device, log, ablation)
     jobs = plan(exp, args.families or list(sizes.families), args.arms or list(ARMS), args.seeds, tuple(args.parts))
+    if args.list_jobs:
+        print("\n".join(list_jobs(jobs, store, sizes, args.device)))
+        return 0
 
     def write() -> None:
         report.write_report(store, meta, command)

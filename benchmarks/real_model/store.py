@@ -80,20 +80,35 @@ class Store:
                 out.setdefault(job["kind"], []).append(float(job["wall_s"]))
         return out
 
-    def check_config(self, sizes: dict, name: str = "config.json") -> None:
-        """Record the sizes on the first run; refuse to mix results of other sizes into this directory."""
+    def check_config(
+        self, sizes: dict, name: str = "config.json", growable: tuple[str, ...] = (), write: bool = True
+    ) -> None:
+        """Record the sizes on the first run; refuse to mix results of other sizes into this directory. A key in
+        `growable` (a list of seeds, say) may be new to the recorded sizes or may have grown (the recorded list a
+        subset of the new one): the record then takes the new value. `write=False` only checks."""
         path = self.path(name)
         saved = self.load(path)
+        now = json.loads(json.dumps(sizes))
         if saved is None:
-            write_json(path, sizes)
-        elif saved != json.loads(json.dumps(sizes)):
-            changed = sorted(
-                k for k in set(saved) | set(sizes) if saved.get(k) != json.loads(json.dumps(sizes)).get(k)
-            )
+            if write:
+                write_json(path, now)
+            return
+
+        def grows(old: Any, new: Any) -> bool:
+            return old is None or (isinstance(old, list) and isinstance(new, list) and set(old) <= set(new))
+
+        changed = sorted(
+            k
+            for k in set(saved) | set(now)
+            if saved.get(k) != now.get(k) and not (k in growable and grows(saved.get(k), now.get(k)))
+        )
+        if changed:
             raise SystemExit(
                 f"{self.root} holds results made with other sizes ({', '.join(changed)}); use another "
                 "--output-dir, or the options of that run."
             )
+        if saved != now and write:
+            write_json(path, now)
 
     def start_sitting(self, command: str) -> int:
         sittings = self.load(self.path("sittings.json")) or []
