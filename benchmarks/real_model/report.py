@@ -318,6 +318,9 @@ def _selection_analysis(data: dict, sizes: dict) -> dict:
     return {"overlaps": overlaps, "spearman": correlations, "pad_top_share": concentration}
 
 
+PREREGISTRATION = "PREREGISTRATION.md"
+
+
 def write_report(store: Store, meta: dict, command: str) -> None:
     data = collect(store, meta)
     figures = real_figures.draw(store, data, meta)
@@ -359,6 +362,10 @@ def _markdown(store, data, meta, command, commit, versions, figures) -> str:
         lines += real_ablation_tables.sections(data["ablations"])
     lines += ["## Figures", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, store.root)})" for p in figures]
+    # Written by hand before a held-out family runs, and copied here unchanged (the file's history dates it).
+    if os.path.isfile(store.path(PREREGISTRATION)):
+        with open(store.path(PREREGISTRATION)) as f:
+            lines += ["", f.read().strip(), ""]
     default = "(No interpretation written for this run yet: read the tables above.)"
     interpretation = kept_section(store.path(RESULTS_MD), INTERPRETATION_START, INTERPRETATION_END) or default
     lines += ["", "## Interpretation", "", INTERPRETATION_START, interpretation, INTERPRETATION_END, ""]
