@@ -7,7 +7,9 @@ SPEC (several joined by ","; the first to fire kills the process, and under seve
 ``KILL_RANK``, default 0, fires):
 
 - ``step:N``: right after the backward of the N-th `Trainer.training_step` call, before the optimizer step.
-- ``write:SUBSTRING``: half-way through writing the first file whose path contains SUBSTRING: a Python ``open``
+- ``write:PATTERN``: half-way through writing the first file whose path contains PATTERN (or matches it, when it
+  holds a ``*``, as `fnmatch` does: ``*checkpoint-8/*alps_delta*`` also matches the temporary name an atomic
+  write uses in a staging folder of checkpoint-8): a Python ``open``
   for writing (JSON), ``torch.save``, ``shutil.copyfile`` or safetensors' ``save_file``. The first half of the
   bytes reaches the disk.
 - ``call:MODULE:QUALNAME[@N]``: on entering that function (the N-th time, default the first), e.g.
@@ -24,6 +26,7 @@ Test-only: nothing in the package knows about it.
 from __future__ import annotations
 
 import builtins
+import fnmatch
 import os
 import runpy
 import signal
@@ -68,7 +71,7 @@ class _HalfWriter:
         return self._f.__exit__(*exc)
 
 
-def _install_write_kill(substring: str) -> None:
+def _install_write_kill(pattern: str) -> None:
     import io
     import shutil
 
@@ -77,22 +80,26 @@ def _install_write_kill(substring: str) -> None:
 
     real_open, real_save_file = builtins.open, safetensors.torch.save_file
 
+    def hit(path) -> bool:
+        path = str(path)
+        return _armed() and (fnmatch.fnmatch(path, pattern) if "*" in pattern else pattern in path)
+
     def open_(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
         path = "" if isinstance(file, int) else os.fspath(file)
-        if _armed() and any(m in mode for m in "wax") and substring in str(path):
+        if any(m in mode for m in "wax") and hit(path):
             return _HalfWriter(f)
         return f
 
     def save_file(tensors, filename, metadata=None):
-        if not (_armed() and substring in os.fspath(filename)):
+        if not hit(os.fspath(filename)):
             return real_save_file(tensors, filename, metadata=metadata)
         data = safetensors.torch.save(tensors, metadata=metadata)
         with real_open(filename, "wb") as f:
             _HalfWriter(f).write(data)
 
     def torch_save(obj, f, *args, **kwargs):  # a path is written by torch's C++ writer, not Python's open
-        if not (_armed() and isinstance(f, (str, os.PathLike)) and substring in os.fspath(f)):
+        if not (isinstance(f, (str, os.PathLike)) and hit(os.fspath(f))):
             return real_torch_save(obj, f, *args, **kwargs)
         buffer = io.BytesIO()
         real_torch_save(obj, buffer, *args, **kwargs)
@@ -100,7 +107,7 @@ def _install_write_kill(substring: str) -> None:
             _HalfWriter(out).write(buffer.getvalue())
 
     def copyfile(src, dst, *args, **kwargs):  # copies go through os.sendfile, not write()
-        if not (_armed() and substring in os.fspath(dst)):
+        if not hit(os.fspath(dst)):
             return real_copyfile(src, dst, *args, **kwargs)
         with real_open(src, "rb") as f, real_open(dst, "wb") as out:
             _HalfWriter(out).write(f.read())
