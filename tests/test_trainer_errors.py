@@ -101,6 +101,7 @@ def test_resume_with_a_different_selection_is_refused(tmp_path):
     HeadSelection(2, 8, 2, [(1, 7), (1, 6), (0, 0)], head_dim=8, hidden_size=64, model_type="llama").save(
         checkpoint / "alps_heads.json"
     )
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 1}')  # a complete checkpoint
     trainer.state.global_step = 1  # as if it had trained its random heads already
     with pytest.raises(ValueError, match="other ALPS heads"):
         trainer.localize(resume_from_checkpoint=str(checkpoint))
@@ -152,7 +153,7 @@ def test_row_mixing_optimizers_are_refused_in_mask_mode(tmp_path):
 
 def test_resume_true_without_checkpoint_fails_before_training(tmp_path):
     trainer = _build(tmp_path)
-    with pytest.raises(ValueError, match="No valid checkpoint found"):
+    with pytest.raises(ValueError, match="No complete checkpoint found"):
         trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 0
 
