@@ -608,6 +608,19 @@ def test_killed_trainer_save_leaves_old_or_new(tmp_path, kind):
 
 
 # ---- read-only and full directories ------------------------------------------------------------------------------
+def _run_failing(code: str, failure: str, read_only: list, size_limit: int):
+    """Run `code` in a child that cannot write `read_only` ("read_only") or past `size_limit` bytes ("full")."""
+    if failure == "full":
+        return run_py(code, preexec_fn=_file_size_limit(size_limit))
+    for p in read_only:
+        os.chmod(p, 0o555)
+    try:
+        return run_py(code, preexec_fn=_drop_root_powers)
+    finally:
+        for p in read_only:
+            os.chmod(p, 0o755)
+
+
 @pytest.mark.parametrize("to_peft", [False, True], ids=["checkpoint", "to_peft"])
 @pytest.mark.parametrize("failure", ["read_only", "full"])
 def test_alps_merge_into_read_only_or_full_directory(world, tmp_path, failure, to_peft):
@@ -620,14 +633,7 @@ def test_alps_merge_into_read_only_or_full_directory(world, tmp_path, failure, t
     assert run_py(code).returncode == 0
     old = snapshot(out)
     code = code.replace("old.safetensors", "new.safetensors")
-    if failure == "read_only":
-        for p in (parent, out):
-            os.chmod(p, 0o555)
-        proc = run_py(code, preexec_fn=_drop_root_powers)
-        for p in (parent, out):
-            os.chmod(p, 0o755)
-    else:
-        proc = run_py(code, preexec_fn=_file_size_limit(4096))
+    proc = _run_failing(code, failure, [parent, out], 4096)
     assert_one_line_error(proc, "alps-merge", out)
     assert snapshot(out) == old
     assert leftovers(parent) == []
@@ -643,12 +649,7 @@ def test_alps_localize_into_read_only_or_full_directory(world, tmp_path, failure
     assert run_py(code).returncode == 0
     old = snapshot(out)
     code = code.replace("0.0625", "0.25")
-    if failure == "read_only":
-        os.chmod(parent, 0o555)
-        proc = run_py(code, preexec_fn=_drop_root_powers)
-        os.chmod(parent, 0o755)
-    else:
-        proc = run_py(code, preexec_fn=_file_size_limit(64))
+    proc = _run_failing(code, failure, [parent], 64)
     assert_one_line_error(proc, "alps-localize", out)
     assert snapshot(out) == old
     assert leftovers(parent) == []
