@@ -174,7 +174,10 @@ def test_reproduce_real_quick_paths_write_every_part_and_skip_it_on_rerun(tmp_pa
     import json
 
     before = _bench_files()
-    args = ["-m", "benchmarks.real_model.reproduce", "--quick", "--arms", "random", "--output-dir", str(tmp_path)]
+    args = [
+        *("-m", "benchmarks.real_model.reproduce", "--quick", "--arms", "random", "random_upper"),
+        *("--output-dir", str(tmp_path)),
+    ]
     out = _run(args, timeout=900)  # a hang guard: ~3 min on 2 idle cores, 3-4x that on a loaded machine
     result = tmp_path / "runs" / "arithmetic" / "random" / "seed0.json"
     data = json.loads(result.read_text())
@@ -195,6 +198,9 @@ def test_reproduce_real_quick_paths_write_every_part_and_skip_it_on_rerun(tmp_pa
         "table1/arithmetic/lc_rest/seed0.json",
         "table1/arithmetic/wo_attn/seed0.json",
         "table1/arithmetic/lora128/seed0.json",
+        "table1/structured/alps_rest/seed0.json",  # the held-out family's smallest path
+        "table1/structured/random_rest/seed0.json",
+        "table1/structured/importance_rest/seed0.json",
     ):
         assert (runs / path).is_file(), f"{path} missing:\n{out[-3000:]}"
     ratio = json.loads((runs / "ratio/arithmetic/alps_5%/seed0.json").read_text())
@@ -209,6 +215,15 @@ def test_reproduce_real_quick_paths_write_every_part_and_skip_it_on_rerun(tmp_pa
         assert f"mirrors the paper's {table}" in ablations
     assert "missing" not in ablations, ablations  # every quick row ran
     assert (tmp_path / "figures" / "ratio_curve.png").is_file()
+    upper = json.loads((tmp_path / "runs" / "structured" / "random_upper" / "seed0.json").read_text())
+    importance = json.loads((tmp_path / "selections" / "structured" / "importance_seed0.json").read_text())
+    median = sorted(x for row in importance["scores"] for x in row)[135]
+    assert len(upper["heads"]) == 27 and all(importance["scores"][la][h] >= median for la, h in upper["heads"])
+    assert not (tmp_path / "runs" / "arithmetic" / "random_upper").exists()  # the candidate is the held-out's only
+    verdict = report[report.index("## The recommendation against the held-out family") :]
+    assert "| P4 | Random from the more important half − Random | 1 |" in verdict and "no interval (1 seed)" in verdict
+    for fam in ("arithmetic", "text", "structured"):
+        assert (tmp_path / "figures" / f"tradeoff_{fam}.png").is_file()
 
     stamp = result.stat().st_mtime_ns
     again = _run(args, timeout=300)

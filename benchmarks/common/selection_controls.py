@@ -48,3 +48,15 @@ def random_same_footprint(scored: HeadSelection, seed: int) -> HeadSelection:
     order = torch.randperm(len(spare), generator=gen).tolist()
     heads += [spare[i] for i in order[: len(scored.heads) - len(heads)]]
     return _derived(scored, heads, "random", control="random, same kv-group footprint", seed=seed)
+
+
+def random_from_upper_half(scored: HeadSelection, seed: int) -> HeadSelection:
+    """Random heads from the more important half: as many heads as `scored` has, drawn uniformly (seeded) from the
+    half of all heads that score highest (the library's top-k order and tie-break)."""
+    if scored.scores is None:
+        raise ValueError("random_from_upper_half needs a selection with scores (a top_k selection).")
+    upper = select_top_k(scored.scores, scored.num_layers * scored.num_heads // 2)
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    order = torch.randperm(len(upper), generator=gen).tolist()
+    heads = sorted(upper[i] for i in order[: len(scored.heads)])
+    return _derived(scored, heads, "random", control="random from the upper half by score", seed=seed)

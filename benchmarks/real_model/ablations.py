@@ -53,7 +53,12 @@ class AblationSizes:
     ratios: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2, 0.5])
     ratio_family: str = "arithmetic"
     metric_family: str = "arithmetic"
-    table1_families: list[str] = field(default_factory=lambda: ["arithmetic", "text"])
+    table1_families: list[str] = field(default_factory=lambda: ["arithmetic", "text", "structured"])
+    # Families whose Table 1 runs only these variants: the held-out family runs the pre-registered + rest arms.
+    table1_only: dict[str, list[str]] = field(
+        default_factory=lambda: {"structured": ["alps_rest", "random_rest", "importance_rest"]}
+    )
+    transfer_families: list[str] = field(default_factory=lambda: ["arithmetic", "text"])
     table1_lora_rank: int = 128
     # Own sweeps (Random's seed-0 run on validation picks, as in the head-choice part): LoRA r128, whose adapters move
     # the model far more than r8's at r8's rate; and 50% of the heads, where the 10% head rate (3e-3) diverged.
@@ -66,14 +71,14 @@ ABLATION_QUICK = AblationSizes(
     seeds=[0],
     table1_many_seeds=[0],
     ratios=[0.05, 0.1],
-    table1_families=["arithmetic"],
+    table1_families=["arithmetic", "structured"],
     lr_grid={"lora128": [3e-4], "heads_5%": [1e-3]},
 )
 
 
 # Fields of AblationSizes that a run's directory may gain, or whose lists may grow, without refusing to resume: seeds
-# only add result files, and no finished file depends on them (`Store.check_config`).
-GROWABLE = ("table1_many_seeds", "table1_many_seed_variants")
+# and families only add result files, and no finished file depends on them (`Store.check_config`).
+GROWABLE = ("table1_many_seeds", "table1_many_seed_variants", "table1_families", "table1_only", "transfer_families")
 
 
 @dataclass(frozen=True)
@@ -147,16 +152,18 @@ def variants(part: str, fam: str, families: list[str], sizes: AblationSizes, def
         # PAD too is retrained: training is not bit-reproducible across sittings, so every metric scores one model.
         return [Variant(part, m, METRIC_LABELS[m], heads="alps", metric=m) for m in METRICS]
     if part == "transfer":
+        if fam not in sizes.transfer_families:
+            return []
         return [
             Variant(part, f"from_{other}", f"ALPS heads of {other}", heads="alps", heads_from=other)
             for other in families
-            if other != fam
+            if other != fam and other in sizes.transfer_families
         ]
     if part == "table1":
         if fam not in sizes.table1_families:
             return []
         rest = dict(rest_trains=True, lr_family="full")
-        return [
+        found = [
             Variant(part, "alps_rest", "ALPS 10% + rest", heads="alps", **rest),
             Variant(part, "random_rest", "Random 10% + rest", heads="random", **rest),
             Variant(part, "importance_rest", "Importance 10% + rest", heads="importance", **rest),
@@ -172,6 +179,8 @@ def variants(part: str, fam: str, families: list[str], sizes: AblationSizes, def
             ),
             Variant(part, "full", "Full", kind="full", lr_family="full", reuse="full"),
         ]
+        only = sizes.table1_only.get(fam)
+        return found if only is None else [v for v in found if v.name in only]
     raise ValueError(f"Unknown part {part!r}; choose from {', '.join(PARTS)}.")
 
 

@@ -1,4 +1,5 @@
-"""Figures of RESULTS_REAL.md: exact match per arm, exact match against forgetting, the heads' scores."""
+"""Figures of RESULTS_REAL.md: exact match per arm, exact match against forgetting (all families, and one figure per
+family with the head-only and rest-training arms), the heads' scores."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def draw(store: Any, data: dict, meta: dict) -> list[str]:
     if fams:
         paths.append(_exact_match(fams, meta, os.path.join(out, "exact_match_by_arm.png")))
         paths.append(_forgetting(fams, meta, os.path.join(out, "exact_match_vs_knowledge.png")))
+    table1 = ((data.get("ablations") or {}).get("table1") or {}).get("families", {})
+    for fam, d in fams.items():
+        paths.append(tradeoff(fam, d, table1.get(fam, []), meta, os.path.join(out, f"tradeoff_{fam}.png")))
     paths += _heads(store, data, out)
     ratio = (data.get("ablations") or {}).get("ratio")
     if ratio and any(runs for row in ratio["rows"] for runs in row["runs"].values()):
@@ -77,7 +81,7 @@ def _exact_match(fams: dict, meta: dict, path: str) -> str:
     arms = meta["arms"]
     fig, axes = plt.subplots(1, len(fams), figsize=(6.5 * len(fams), 4.2), squeeze=False)
     for ax, (fam, d) in zip(axes[0], fams.items()):
-        for i, arm in enumerate(arms):
+        for i, arm in enumerate(d["runs"]):  # the arms that run on this family
             ems = [100 * r["test"]["exact_match"] for r in d["runs"][arm]]
             if not ems:
                 continue
@@ -87,8 +91,8 @@ def _exact_match(fams: dict, meta: dict, path: str) -> str:
             )
             offsets = np.linspace(-0.2, 0.2, len(ems)) if len(ems) > 1 else np.zeros(1)
             ax.scatter(i + offsets, ems, color="k", s=8, zorder=3)
-        ax.set_xticks(range(len(arms)))
-        ax.set_xticklabels([a["label"] for a in arms.values()], rotation=40, ha="right", fontsize=7)
+        ax.set_xticks(range(len(d["runs"])))
+        ax.set_xticklabels([arms[a]["label"] for a in d["runs"]], rotation=40, ha="right", fontsize=7)
         ax.set_ylim(0, 100)
         ax.set_ylabel("test exact match (%)")
         ax.set_title(f"{fam}: mean ± std over seeds, dots = seeds")
@@ -100,7 +104,7 @@ def _forgetting(fams: dict, meta: dict, path: str) -> str:
     fig, axes = plt.subplots(1, len(fams), figsize=(6 * len(fams), 4.2), squeeze=False)
     for ax, (fam, d) in zip(axes[0], fams.items()):
         for i, (arm, spec) in enumerate(meta["arms"].items()):
-            runs = d["runs"][arm]
+            runs = d["runs"].get(arm, [])
             if not runs:
                 continue
             x = statistics.mean(100 * r["knowledge"]["accuracy"] for r in runs)
@@ -110,6 +114,45 @@ def _forgetting(fams: dict, meta: dict, path: str) -> str:
         ax.set_ylabel("test exact match (%)")
         ax.set_title(f"{fam}: task gain vs forgetting (means over seeds)")
         ax.legend(fontsize=6)
+    return _save(plt, fig, path)
+
+
+def tradeoff(fam: str, d: dict, table1_rows: list[dict], meta: dict, path: str) -> str:
+    """One family: test exact match against knowledge accuracy for every arm, head-only (circles) and with the rest
+    of the network training (triangles), Full (square); large marker: mean over seeds, small dots: seeds."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    points = [(meta["arms"][arm]["label"], runs, "o") for arm, runs in d["runs"].items() if arm != "full"]
+    points += [
+        (r["label"], r["runs"], "^")
+        for r in table1_rows
+        if not r["label"].startswith("Full") and not r["label"].endswith("(head-choice arm)")
+    ]
+    full = next((r["runs"] for r in table1_rows if r["label"] == "Full"), None) or d["runs"].get("full", [])
+    points.append(("Full", full, "s"))
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, runs, marker) in enumerate(p for p in points if p[1]):
+        xs = [100 * r["knowledge"]["accuracy"] for r in runs]
+        ys = [100 * r["test"]["exact_match"] for r in runs]
+        color = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
+        ax.scatter(xs, ys, color=color, marker=marker, s=10, alpha=0.35)
+        ax.scatter(
+            statistics.mean(xs),
+            statistics.mean(ys),
+            color=color,
+            marker=marker,
+            s=70,
+            label=label,
+            edgecolors="k",
+            linewidths=0.5,
+        )
+    ax.set_xlabel("knowledge accuracy after training (%, base 100)")
+    ax.set_ylabel("test exact match (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(
+        f"{fam}: task vs forgetting (o head-only, ^ rest trains, ■ Full; large: mean, small: seeds)", fontsize=9
+    )
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(plt, fig, path)
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from benchmarks.common.run_info import write_json
 from benchmarks.real_model import ablations
-from benchmarks.real_model.config import ARMS, NEEDS_TASK_MODEL, STAGES, SWEEP_ARM, Sizes
+from benchmarks.real_model.config import ARMS, NEEDS_TASK_MODEL, STAGES, SWEEP_ARM, Sizes, arms_on
 from benchmarks.real_model.store import Store
 
 if TYPE_CHECKING:
@@ -118,27 +118,34 @@ def plan(
             for fam in families:
                 base(fam)
                 for seed in sorted(set(s.main_seeds) | set(s.other_seeds)):  # seed by seed: pairs complete early
-                    for arm in (a for a in stage if a in arms):
+                    for arm in (a for a in stage if a in arms_on(fam, s.heldout, arms)):
                         if seed in arm_seeds(arm):
                             if seeds is None or seed in seeds:
                                 run(fam, arm, seed)
     # Cheapest part first, so that whole tables complete early; the references each table shows come along.
-    references = {"ratio": ("random",), "metric": ("random",), "transfer": ("alps", "random"), "table1": ()}
+    # Table 1 shows the head-only ALPS and Random arms, and Full (the head-choice arm's files where Full is not one of
+    # the family's Table 1 variants: `AblationSizes.table1_only`).
+    references = {
+        "ratio": ("random",),
+        "metric": ("random",),
+        "transfer": ("alps", "random"),
+        "table1": ("alps", "random"),
+    }
     for part in ("transfer", "metric", "ratio", "table1"):
         if part not in parts:
             continue
         for seed in (x for x in ablations.all_seeds(exp.ablation) if seeds is None or x in seeds):
             for fam in families:
-                found = [
-                    v
-                    for v in ablations.variants(part, fam, families, exp.ablation, s.ratio)
-                    if seed in ablations.seeds_of(v, exp.ablation)
-                ]
+                every = ablations.variants(part, fam, families, exp.ablation, s.ratio)
+                found = [v for v in every if seed in ablations.seeds_of(v, exp.ablation)]
                 if not found:
                     continue
                 base(fam)
                 for arm in references[part]:
-                    run(fam, arm, seed)
+                    if part != "table1" or seed in arm_seeds(arm):
+                        run(fam, arm, seed)
+                if part == "table1" and "full" not in {v.name for v in every} and seed in arm_seeds("full"):
+                    run(fam, "full", seed)
                 for v in found:
                     run_variant(fam, v, seed)
     return list(jobs.values())

@@ -5,10 +5,8 @@ text between the interpretation markers survives a rebuild."""
 from __future__ import annotations
 
 import glob
-import math
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Any
@@ -19,7 +17,10 @@ from benchmarks.common.run_info import git_commit, kept_section, package_version
 from benchmarks.real_model import ablation_tables as real_ablation_tables
 from benchmarks.real_model import ablations as real_ablations
 from benchmarks.real_model import figures as real_figures
+from benchmarks.real_model import heldout as real_heldout
 from benchmarks.real_model import tables as real_tables
+from benchmarks.real_model.config import arms_on
+from benchmarks.real_model.stats import overlap_stats, paired, spearman
 from benchmarks.real_model.store import Store
 from benchmarks.real_model.tables import MISSING
 
@@ -28,68 +29,7 @@ RESULTS_JSON = "RESULTS_REAL.json"
 MODEL = "SmolLM2-135M-Instruct"
 INTERPRETATION_START = "<!-- interpretation:start -->"
 INTERPRETATION_END = "<!-- interpretation:end -->"
-BOOTSTRAP_RESAMPLES = 10_000
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "numpy", "scipy", "alps_trl")
-
-
-# ---- statistics -----------------------------------------------------------------------------------------------
-
-
-def t_interval(diffs: list[float]) -> tuple[float, float, float] | None:
-    """(mean, low, high): the 95% t interval of the mean of paired differences (None below 2 pairs)."""
-    from scipy import stats
-
-    if len(diffs) < 2:
-        return None
-    m, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    half = float(stats.t.ppf(0.975, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
-    return m, m - half, m + half
-
-
-def bootstrap_interval(diffs: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean of `diffs` (per-item paired differences, pooled over seeds)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diffs), size=(BOOTSTRAP_RESAMPLES, len(diffs)))
-    means = diffs[idx].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def overlap_stats(a: list, b: list, total: int) -> dict:
-    """Heads shared by two selections, the overlap two uniformly random ones would have, and P(overlap >= seen)."""
-    from scipy import stats
-
-    seen = len({tuple(h) for h in a} & {tuple(h) for h in b})
-    return {
-        "overlap": seen,
-        "expected": len(a) * len(b) / total,
-        "p": float(stats.hypergeom(total, len(a), len(b)).sf(seen - 1)),
-    }
-
-
-def spearman(a: Any, b: Any) -> float:
-    from scipy import stats
-
-    return float(stats.spearmanr(np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)).statistic)
-
-
-def paired(a_runs: list[dict], b_runs: list[dict]) -> dict | None:
-    """Paired differences a - b over common seeds: exact match (t and pooled-item bootstrap), knowledge, ppl."""
-    b_by_seed = {r["seed"]: r for r in b_runs}
-    pairs = [(r, b_by_seed[r["seed"]]) for r in a_runs if r["seed"] in b_by_seed]
-    if not pairs:
-        return None
-    em = [x["test"]["exact_match"] - y["test"]["exact_match"] for x, y in pairs]
-    items = np.concatenate(
-        [np.array(x["test"]["correct"], float) - np.array(y["test"]["correct"], float) for x, y in pairs]
-    )
-    boot = bootstrap_interval(items)
-    return {
-        "seeds": [x["seed"] for x, _ in pairs],
-        "em": t_interval(em) or (statistics.mean(em), math.nan, math.nan),
-        "em_bootstrap": (float(items.mean()), *boot),
-        "knowledge": t_interval([x["knowledge"]["accuracy"] - y["knowledge"]["accuracy"] for x, y in pairs]),
-        "ppl": t_interval([x["ppl"] - y["ppl"] for x, y in pairs]),
-    }
 
 
 # ---- the report -----------------------------------------------------------------------------------------------
@@ -106,7 +46,8 @@ def collect(store: Store, meta: dict) -> dict:
     sizes, arms = meta["sizes"], meta["arms"]
     data: dict[str, Any] = {"knowledge": store.load(store.knowledge()), "families": {}}
     for fam in sizes["families"]:
-        runs = {arm: store.runs(fam, arm) for arm in arms}
+        on = {arm: arms[arm] for arm in arms_on(fam, sizes.get("heldout", []), list(arms))}
+        runs = {arm: store.runs(fam, arm) for arm in on}
         sweeps = {
             lf: [store.load(store.sweep(fam, lf, lr)) or {"lr": lr, MISSING: True} for lr in grid]
             for lf, grid in sizes["lr_grid"].items()
@@ -118,12 +59,13 @@ def collect(store: Store, meta: dict) -> dict:
             "runs": runs,
             "sweeps": sweeps,
             "chosen_lr": chosen,
-            "paired": {f"{a} - {b}": paired(runs[a], runs[b]) for a, b in _comparisons(arms)},
+            "paired": {f"{a} - {b}": paired(runs[a], runs[b]) for a, b in _comparisons(on)},
             "selections": _selections(store, fam, sizes),
         }
     data["analysis"] = _selection_analysis(data, sizes)
     if meta.get("ablation"):
         data["ablations"] = collect_ablations(store, meta)
+        data["heldout"] = real_heldout.collect(store, meta)
     return data
 
 
@@ -241,6 +183,9 @@ def collect_ablations(store: Store, meta: dict) -> dict:
         table1["many_seed_variants"] = [v.label for v in found if v.name in many_names]
         runs = {v.name: runs_of(fam, v) for v in found}
         rows = [{"label": v.label, "runs": runs[v.name], "seeds": real_ablations.seeds_of(v, ab_sizes)} for v in found]
+        if "full" not in runs:  # a family whose Table 1 runs only some variants: Full is the head-choice arm's
+            runs["full"] = head_choice(fam, "full", sizes["other_seeds"])
+            rows.append({"label": "Full (head-choice arm)", "runs": runs["full"], "seeds": sizes["other_seeds"]})
         rows += [  # references at the many seeds: the head-choice arms have them
             {"label": label, "runs": head_choice(fam, arm, many), "seeds": many}
             for label, arm in (
@@ -366,6 +311,8 @@ def _markdown(store, data, meta, command, commit, versions, figures) -> str:
     if os.path.isfile(store.path(PREREGISTRATION)):
         with open(store.path(PREREGISTRATION)) as f:
             lines += ["", f.read().strip(), ""]
+    if data.get("heldout"):
+        lines += ["", *real_heldout.section(data["heldout"], list(sizes["families"]))]
     default = "(No interpretation written for this run yet: read the tables above.)"
     interpretation = kept_section(store.path(RESULTS_MD), INTERPRETATION_START, INTERPRETATION_END) or default
     lines += ["", "## Interpretation", "", INTERPRETATION_START, interpretation, INTERPRETATION_END, ""]

@@ -52,7 +52,7 @@ from benchmarks.common.run_info import REAL_MODEL_RESULTS
 from benchmarks.real_model import ablations, report
 from benchmarks.real_model import knowledge as rk
 from benchmarks.real_model import tasks as rt
-from benchmarks.real_model.config import ARMS, CALIBRATION, CUDA, NEEDS_TASK_MODEL, QUICK, Sizes
+from benchmarks.real_model.config import ARMS, CALIBRATION, CUDA, GROWABLE, NEEDS_TASK_MODEL, QUICK, Sizes
 from benchmarks.real_model.plan import REPORT_EVERY_S, execute, list_jobs, plan, throttled
 from benchmarks.real_model.store import Store
 
@@ -240,7 +240,7 @@ class RealModelExperiment:
             return selection_for_layout(
                 layout, heads, metric="none", ratio=s.ratio, strategy="random", provenance={"seed": seed}
             )
-        source = "importance" if arm.startswith("importance") else "probe"
+        source = "importance" if arm.startswith("importance") or arm == "random_upper" else "probe"
         path = self.store.selection(fam, f"{source}_seed{seed}")
         if not os.path.isfile(path):
             start = time.time()
@@ -248,6 +248,8 @@ class RealModelExperiment:
             scored.provenance["wall_s"] = round(time.time() - start, 1)
             scored.save(path)
         scored = HeadSelection.load(path)
+        if arm == "random_upper":
+            return controls.random_from_upper_half(scored, seed)
         return controls.lowest_k(scored) if arm == "importance_lowest" else scored
 
     def _importance(self, fam: str, seed: int, layout):
@@ -447,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"report rebuilt: {store.path(report.RESULTS_MD)}")
         return 0
     record = not args.list_jobs  # a dry run records nothing
-    store.check_config(asdict(sizes), write=record)
+    store.check_config(asdict(sizes), growable=GROWABLE, write=record)
     store.check_config(
         asdict(ablation), os.path.join("ablations", "config.json"), growable=ablations.GROWABLE, write=record
     )

@@ -85,7 +85,8 @@ class Store:
     ) -> None:
         """Record the sizes on the first run; refuse to mix results of other sizes into this directory. A key in
         `growable` (a list of seeds, say) may be new to the recorded sizes or may have grown (the recorded list a
-        subset of the new one): the record then takes the new value. `write=False` only checks."""
+        subset of the new one, the recorded dict's entries all in the new one): the record then takes the new value.
+        `write=False` only checks."""
         path = self.path(name)
         saved = self.load(path)
         now = json.loads(json.dumps(sizes))
@@ -95,6 +96,8 @@ class Store:
             return
 
         def grows(old: Any, new: Any) -> bool:
+            if isinstance(old, dict) and isinstance(new, dict):  # entries may be added, none changed
+                return all(k in new and new[k] == v for k, v in old.items())
             return old is None or (isinstance(old, list) and isinstance(new, list) and set(old) <= set(new))
 
         changed = sorted(

@@ -139,8 +139,8 @@ def family_section(fam: str, d: dict, meta: dict) -> list[str]:
         "| lr | Min per run |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for arm, spec in arms.items():
-        lines.append(_arm_row(spec["label"], d["runs"][arm], _runs_expected(meta, arm)))
+    for arm, runs in d["runs"].items():  # the arms that run on this family
+        lines.append(_arm_row(arms[arm]["label"], runs, _runs_expected(meta, arm)))
     random = [r["test"]["exact_match"] for r in d["runs"].get("random", [])]
     if random:
         mean = 100 * statistics.mean(random)

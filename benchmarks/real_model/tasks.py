@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -70,6 +71,30 @@ def reverse_words(rng: random.Random, n: int = 7) -> Pair:
     return prompt, " ".join(reversed(words))
 
 
+# The held-out family: facts about people to one line of JSON, youngest first (`people_to_json`).
+NAMES = (
+    "Anna Ben Clara David Emma Frank Grace Henry Iris Jack Kate Leo Mia Noah Olga Paul Rosa Sam Tina Victor"
+).split()
+CITIES = "Paris Rome Berlin Madrid Vienna Oslo Dublin Lisbon Prague Athens Warsaw Tokyo Cairo Lima Quito".split()
+
+
+def people_to_json(rng: random.Random, n: int = 3) -> Pair:
+    """Structured output: n people (distinct names and ages) as facts in random order -> one line of JSON, a list of
+    objects with the keys name, age, city, youngest first.
+
+    'Write these facts as one line of JSON ...: Anna is 34 and lives in Oslo; Ben is 29 and lives in Rome; ...' ->
+    '[{"name": "Ben", "age": 29, "city": "Rome"}, {"name": "Anna", "age": 34, "city": "Oslo"}, ...]'.
+    """
+    names, ages = rng.sample(NAMES, n), rng.sample(range(18, 91), n)
+    people = [{"name": m, "age": a, "city": rng.choice(CITIES)} for m, a in zip(names, ages)]
+    facts = "; ".join(f"{p['name']} is {p['age']} and lives in {p['city']}" for p in people)
+    prompt = (
+        "Write these facts as one line of JSON, a list of objects with the keys name, age and city, youngest "
+        f"first: {facts}. Reply with the JSON only."
+    )
+    return prompt, json.dumps(sorted(people, key=lambda p: p["age"]))
+
+
 GENERATORS: dict[str, Callable[[random.Random], Pair]] = {
     "addition": addition,
     "two_step": two_step,
@@ -77,6 +102,7 @@ GENERATORS: dict[str, Callable[[random.Random], Pair]] = {
     "sort4": lambda rng: sort_words(rng, 4),
     "reverse7": reverse_words,
     "reverse8": lambda rng: reverse_words(rng, 8),
+    **{f"people{n}": (lambda rng, n=n: people_to_json(rng, n)) for n in range(2, 7)},
 }
 
 

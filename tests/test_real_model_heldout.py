@@ -1,0 +1,142 @@
+"""The held-out family of the real-model benchmark without a model: its generator, the pre-registered arms a run plans
+on it, the candidate's heads, and the verdict the report computes from result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+from benchmarks.common.run_info import write_json
+from benchmarks.common.selection_controls import random_from_upper_half
+from benchmarks.real_model import ablations, heldout
+from benchmarks.real_model.config import ARMS, GROWABLE, HELDOUT_ARMS, Sizes
+from benchmarks.real_model.plan import plan
+from benchmarks.real_model.reproduce import RealModelExperiment
+from benchmarks.real_model.store import Store
+from benchmarks.real_model.tasks import GENERATORS, make_splits
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 6])
+def test_people_to_json_answers_hold_exactly_the_facts_youngest_first(n):
+    rng = random.Random(n)
+    for _ in range(50):
+        prompt, answer = GENERATORS[f"people{n}"](rng)
+        facts = re.findall(r"(\w+) is (\d+) and lives in (\w+)", prompt)
+        parsed = json.loads(answer)
+        assert len(facts) == len(parsed) == n and "\n" not in answer
+        assert [list(p) for p in parsed] == [["name", "age", "city"]] * n
+        assert [(p["name"], str(p["age"]), p["city"]) for p in parsed] == sorted(facts, key=lambda f: int(f[1]))
+        assert len({p["age"] for p in parsed}) == n  # distinct ages: one right order
+
+
+def test_held_out_splits_are_disjoint_at_the_run_sizes():
+    s = Sizes()
+    splits = make_splits(GENERATORS[s.families["structured"]], {"A": 1000, "B": 1000, "val": 100, "test": 200}, 0)
+    prompts = [p for items in splits.values() for p, _ in items]
+    assert len(prompts) == len(set(prompts)) == 2300
+
+
+def _paths(tmp_path, families) -> dict[str, set[int]]:
+    store = Store(str(tmp_path))
+    exp = RealModelExperiment(Sizes(), store, "cpu", print, ablations.AblationSizes())
+    found: dict[str, set[int]] = {}
+    for job in plan(exp, families, list(ARMS), None, (ablations.HEAD_CHOICE, *ablations.PARTS)):
+        rel = os.path.relpath(job.path, store.root)
+        if os.path.basename(rel).startswith("seed"):
+            found.setdefault(os.path.dirname(rel), set()).add(int(os.path.basename(rel)[4:-5]))
+    return found
+
+
+def test_held_out_family_plans_only_the_preregistered_arms(tmp_path):
+    found = _paths(tmp_path, ["arithmetic", "text", "structured"])
+    on_heldout = {k for k in found if "/structured/" in f"/{k}/"}
+    five, three = {0, 1, 2, 3, 4}, {0, 1, 2}
+    expected = {
+        "runs/structured/alps": five,
+        "runs/structured/random": five,
+        "runs/structured/importance": five,
+        "runs/structured/random_upper": five,
+        "runs/structured/full": three,
+        "runs/structured/lora": three,
+        "ablations/table1/structured/alps_rest": five,
+        "ablations/table1/structured/random_rest": five,
+        "ablations/table1/structured/importance_rest": five,
+    }
+    assert {k: found[k] for k in on_heldout} == expected
+    assert set(HELDOUT_ARMS) == {k.split("/")[-1] for k in expected if k.startswith("runs/")}
+    # The candidate runs on the held-out family only; the first two families keep their arms and transfer parts.
+    assert not any(k.endswith("random_upper") for k in found if "structured" not in k)
+    assert found["ablations/transfer/text/from_arithmetic"] == {0, 1}
+    assert not any("from_structured" in k for k in found)
+
+
+def test_a_run_directory_may_gain_the_held_out_family_but_not_change_one(tmp_path):
+    store = Store(str(tmp_path))
+    old = asdict(Sizes())
+    old["families"] = {"arithmetic": "addition", "text": "reverse8"}
+    del old["heldout"]
+    write_json(store.path("config.json"), old)
+    store.check_config(asdict(Sizes()), growable=GROWABLE)
+    assert store.load(store.path("config.json"))["families"]["structured"] == Sizes().families["structured"]
+    changed = asdict(Sizes())
+    changed["families"]["text"] = "reverse7"
+    with pytest.raises(SystemExit, match="families"):
+        store.check_config(changed, growable=GROWABLE)
+
+
+def test_candidate_draws_from_the_more_important_half_by_seed():
+    from alps_trl.localization.selection import HeadSelection, select_top_k
+
+    scores = np.random.default_rng(0).random((30, 9)).astype(np.float32)
+    scored = HeadSelection(30, 9, 3, select_top_k(scores, 27), scores=scores, metric="importance")
+    median = np.median(scores)
+    draws = [random_from_upper_half(scored, seed) for seed in (0, 1, 0)]
+    for d in draws:
+        assert len(d.heads) == 27 == len(set(d.heads))
+        assert all(scores[layer, head] > median for layer, head in d.heads)
+    assert draws[0].heads == draws[2].heads != draws[1].heads
+    assert draws[0].heads != scored.heads  # a draw, not the top heads
+
+
+def _run(seed: int, em: float, n: int = 20) -> dict:
+    right = round(em * n)
+    return {
+        "seed": seed,
+        "test": {"exact_match": right / n, "correct": [True] * right + [False] * (n - right)},
+        "knowledge": {"accuracy": 0.5},
+        "ppl": 20.0,
+    }
+
+
+def _write(store: Store, fam: str, name: str, ems: list[float]) -> None:
+    for seed, em in enumerate(ems):
+        if name.endswith("_rest"):
+            write_json(store.ablation_run("table1", fam, name, seed), _run(seed, em))
+        else:
+            write_json(store.run(fam, name, seed), _run(seed, em))
+
+
+def test_verdict_follows_the_preregistered_criteria_and_waits_for_every_seed(tmp_path):
+    store = Store(str(tmp_path))
+    meta = {"sizes": asdict(Sizes(families={"structured": "json4"}))}
+    _write(store, "structured", "random_rest", [0.40, 0.50, 0.45, 0.55, 0.50])
+    _write(store, "structured", "alps_rest", [0.60, 0.70, 0.65, 0.75, 0.70])  # +20 at every seed: above 0
+    _write(store, "structured", "importance_rest", [0.60, 0.70, 0.65, 0.75, 0.70])  # ALPS ties it: not below 0
+    _write(store, "structured", "random", [0.50, 0.40, 0.60, 0.45, 0.55])
+    _write(store, "structured", "importance", [0.30, 0.20, 0.40, 0.25, 0.35])  # -20 at every seed: below 0
+    _write(store, "structured", "random_upper", [0.50, 0.45])  # two of five seeds
+    d = heldout.collect(store, meta)
+    verdicts = {r["comparison"]["key"]: r["verdict"] for r in d["heldout"]["structured"]}
+    assert verdicts == {"P1": "holds", "P2": "holds", "P3": "fails", "P4": "pending (2/5 seeds)"}
+    rest, head_only = d["settings"]["rest"], d["settings"]["head-only"]
+    assert rest["recommended"] == "Importance + rest"  # the cheapest source nothing beats
+    assert head_only["recommended"] == "Random"
+    lines = "\n".join(heldout.section(d, ["structured"]))
+    assert "| P1 | ALPS + rest − Random + rest | 5 | +20.0 [+20.0, +20.0] |" in lines
+    assert "**fails**" in lines and "Random + rest on structured" not in lines
