@@ -10,6 +10,9 @@ Parts, each mirroring one table of the ALPS paper:
 - ``table1`` (Table 1): the rest of the network trains too (`train_non_attention=True`): ALPS, Random, Importance
   and LC heads, "w/o attn" (every q/k/v row frozen), LoRA r128 on q/k/v, and Full.
 
+Families: ratio and metric run on one family; transfer between the first two (`transfer_families`); Table 1 on all
+three, the held-out family with only the pre-registered + rest variants (`table1_only`).
+
 Seeds: every variant runs `AblationSizes.seeds`, except Table 1's main comparison (`table1_many_seed_variants`: ALPS,
 Random and Importance + rest, and Full), which runs `table1_many_seeds` (`seeds_of`).
 

@@ -141,13 +141,16 @@ def plan(
                 if not found:
                     continue
                 base(fam)
-                for arm in references[part]:
-                    if part != "table1" or seed in arm_seeds(arm):
-                        run(fam, arm, seed)
+                refs = [arm for arm in references[part] if part != "table1" or seed in arm_seeds(arm)]
                 if part == "table1" and "full" not in {v.name for v in every} and seed in arm_seeds("full"):
-                    run(fam, "full", seed)
+                    refs.append("full")
+                if part != "table1":
+                    for arm in refs:
+                        run(fam, arm, seed)
                 for v in found:
                     run_variant(fam, v, seed)
+                for arm in refs if part == "table1" else ():  # Table 1's own rows first, its references after
+                    run(fam, arm, seed)
     return list(jobs.values())
 
 

@@ -180,7 +180,8 @@ def collect_ablations(store: Store, meta: dict) -> dict:
         found = variants("table1", fam)
         if not found:
             continue
-        table1["many_seed_variants"] = [v.label for v in found if v.name in many_names]
+        labels = table1["many_seed_variants"] + [v.label for v in found if v.name in many_names]
+        table1["many_seed_variants"] = list(dict.fromkeys(labels))  # over every family, in order
         runs = {v.name: runs_of(fam, v) for v in found}
         rows = [{"label": v.label, "runs": runs[v.name], "seeds": real_ablations.seeds_of(v, ab_sizes)} for v in found]
         if "full" not in runs:  # a family whose Table 1 runs only some variants: Full is the head-choice arm's

@@ -17,8 +17,10 @@ its own table: `ratio` (Table 4: 2-50% of the heads), `metric` (Table 5: PAD, KL
 LC, w/o attn, LoRA r128 and Full). An ablation row that is a head-choice arm reuses that arm's result files. The
 ablations run seeds 0-1, Table 1's ALPS, Random and Importance + rest and Full seeds 0-4 (`ablations.AblationSizes`).
 
-Protocol (RESULTS_REAL.md states the sizes): two task families on which the base scores ~0% (`real_model.tasks`), each
-with disjoint splits A (the task model's data), B (the arms' training data), validation and test. ALPS's task model is
+Protocol (RESULTS_REAL.md states the sizes): three task families on which the base scores ~0% (`real_model.tasks`):
+addition and reversing words, and `structured`, held out (`Sizes.heldout`: only the arms of the pre-registered test
+run on it, `config.arms_on`, with the candidate `random_upper`; `real_model.heldout` reports the verdict). Each has
+disjoint splits A (the task model's data), B (the arms' training data), validation and test. ALPS's task model is
 a full fine-tune on A; PAD (`alps_trl.localize_heads`) picks 10% of the heads. Every head arm trains only its heads'
 q/k/v rows (delta restriction, everything else frozen) on B; Full and LoRA r8 (q/k/v) are references. All arms of a
 seed see the same batches in the same order, with the same steps and schedule (warmup 10%, cosine to 10%, AdamW, weight
