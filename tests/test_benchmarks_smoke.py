@@ -198,9 +198,9 @@ def test_reproduce_real_quick_paths_write_every_part_and_skip_it_on_rerun(tmp_pa
         "table1/arithmetic/lc_rest/seed0.json",
         "table1/arithmetic/wo_attn/seed0.json",
         "table1/arithmetic/lora128/seed0.json",
-        "table1/structured/alps_rest/seed0.json",  # the held-out family's smallest path
-        "table1/structured/random_rest/seed0.json",
-        "table1/structured/importance_rest/seed0.json",
+        "table1/times/alps_rest/seed0.json",  # the held-out family's smallest path
+        "table1/times/random_rest/seed0.json",
+        "table1/times/importance_rest/seed0.json",
     ):
         assert (runs / path).is_file(), f"{path} missing:\n{out[-3000:]}"
     ratio = json.loads((runs / "ratio/arithmetic/alps_5%/seed0.json").read_text())
@@ -215,14 +215,14 @@ def test_reproduce_real_quick_paths_write_every_part_and_skip_it_on_rerun(tmp_pa
         assert f"mirrors the paper's {table}" in ablations
     assert "missing" not in ablations, ablations  # every quick row ran
     assert (tmp_path / "figures" / "ratio_curve.png").is_file()
-    upper = json.loads((tmp_path / "runs" / "structured" / "random_upper" / "seed0.json").read_text())
-    importance = json.loads((tmp_path / "selections" / "structured" / "importance_seed0.json").read_text())
+    upper = json.loads((tmp_path / "runs" / "times" / "random_upper" / "seed0.json").read_text())
+    importance = json.loads((tmp_path / "selections" / "times" / "importance_seed0.json").read_text())
     median = sorted(x for row in importance["scores"] for x in row)[135]
     assert len(upper["heads"]) == 27 and all(importance["scores"][la][h] >= median for la, h in upper["heads"])
     assert not (tmp_path / "runs" / "arithmetic" / "random_upper").exists()  # the candidate is the held-out's only
     verdict = report[report.index("## The recommendation against the held-out family") :]
     assert "| P4 | Random from the more important half − Random | 1 |" in verdict and "no interval (1 seed)" in verdict
-    for fam in ("arithmetic", "text", "structured"):
+    for fam in ("arithmetic", "text", "times"):
         assert (tmp_path / "figures" / f"tradeoff_{fam}.png").is_file()
 
     stamp = result.stat().st_mtime_ns

@@ -35,9 +35,19 @@ def test_people_to_json_answers_hold_exactly_the_facts_youngest_first(n):
         assert len({p["age"] for p in parsed}) == n  # distinct ages: one right order
 
 
+def test_times_to_24h_converts_every_time_in_order():
+    rng = random.Random(0)
+    for _ in range(200):
+        prompt, answer = GENERATORS["times2"](rng)
+        written = re.findall(r"(\d+):(\d\d) (AM|PM)", prompt)
+        converted = [(h % 12 + (12 if p == "PM" else 0), m) for h, m, p in ((int(h), m, p) for h, m, p in written)]
+        assert answer == ", ".join(f"{h:02d}:{m}" for h, m in converted) and len(written) == 2
+    assert GENERATORS["times2"](random.Random(3))[1].count(":") == 2
+
+
 def test_held_out_splits_are_disjoint_at_the_run_sizes():
     s = Sizes()
-    splits = make_splits(GENERATORS[s.families["structured"]], {"A": 1000, "B": 1000, "val": 100, "test": 200}, 0)
+    splits = make_splits(GENERATORS[s.families["times"]], {"A": 1000, "B": 1000, "val": 100, "test": 200}, 0)
     prompts = [p for items in splits.values() for p, _ in items]
     assert len(prompts) == len(set(prompts)) == 2300
 
@@ -54,26 +64,26 @@ def _paths(tmp_path, families) -> dict[str, set[int]]:
 
 
 def test_held_out_family_plans_only_the_preregistered_arms(tmp_path):
-    found = _paths(tmp_path, ["arithmetic", "text", "structured"])
-    on_heldout = {k for k in found if "/structured/" in f"/{k}/"}
+    found = _paths(tmp_path, ["arithmetic", "text", "times"])
+    on_heldout = {k for k in found if "/times/" in f"/{k}/"}
     five, three = {0, 1, 2, 3, 4}, {0, 1, 2}
     expected = {
-        "runs/structured/alps": five,
-        "runs/structured/random": five,
-        "runs/structured/importance": five,
-        "runs/structured/random_upper": five,
-        "runs/structured/full": three,
-        "runs/structured/lora": three,
-        "ablations/table1/structured/alps_rest": five,
-        "ablations/table1/structured/random_rest": five,
-        "ablations/table1/structured/importance_rest": five,
+        "runs/times/alps": five,
+        "runs/times/random": five,
+        "runs/times/importance": five,
+        "runs/times/random_upper": five,
+        "runs/times/full": three,
+        "runs/times/lora": three,
+        "ablations/table1/times/alps_rest": five,
+        "ablations/table1/times/random_rest": five,
+        "ablations/table1/times/importance_rest": five,
     }
     assert {k: found[k] for k in on_heldout} == expected
     assert set(HELDOUT_ARMS) == {k.split("/")[-1] for k in expected if k.startswith("runs/")}
     # The candidate runs on the held-out family only; the first two families keep their arms and transfer parts.
-    assert not any(k.endswith("random_upper") for k in found if "structured" not in k)
+    assert not any(k.endswith("random_upper") for k in found if "times" not in k)
     assert found["ablations/transfer/text/from_arithmetic"] == {0, 1}
-    assert not any("from_structured" in k for k in found)
+    assert not any("from_times" in k for k in found)
 
 
 def test_a_run_directory_may_gain_the_held_out_family_but_not_change_one(tmp_path):
@@ -83,7 +93,7 @@ def test_a_run_directory_may_gain_the_held_out_family_but_not_change_one(tmp_pat
     del old["heldout"]
     write_json(store.path("config.json"), old)
     store.check_config(asdict(Sizes()), growable=GROWABLE)
-    assert store.load(store.path("config.json"))["families"]["structured"] == Sizes().families["structured"]
+    assert store.load(store.path("config.json"))["families"]["times"] == Sizes().families["times"]
     changed = asdict(Sizes())
     changed["families"]["text"] = "reverse7"
     with pytest.raises(SystemExit, match="families"):
@@ -124,19 +134,19 @@ def _write(store: Store, fam: str, name: str, ems: list[float]) -> None:
 
 def test_verdict_follows_the_preregistered_criteria_and_waits_for_every_seed(tmp_path):
     store = Store(str(tmp_path))
-    meta = {"sizes": asdict(Sizes(families={"structured": "json4"}))}
-    _write(store, "structured", "random_rest", [0.40, 0.50, 0.45, 0.55, 0.50])
-    _write(store, "structured", "alps_rest", [0.60, 0.70, 0.65, 0.75, 0.70])  # +20 at every seed: above 0
-    _write(store, "structured", "importance_rest", [0.60, 0.70, 0.65, 0.75, 0.70])  # ALPS ties it: not below 0
-    _write(store, "structured", "random", [0.50, 0.40, 0.60, 0.45, 0.55])
-    _write(store, "structured", "importance", [0.30, 0.20, 0.40, 0.25, 0.35])  # -20 at every seed: below 0
-    _write(store, "structured", "random_upper", [0.50, 0.45])  # two of five seeds
+    meta = {"sizes": asdict(Sizes(families={"times": "times2"}))}
+    _write(store, "times", "random_rest", [0.40, 0.50, 0.45, 0.55, 0.50])
+    _write(store, "times", "alps_rest", [0.60, 0.70, 0.65, 0.75, 0.70])  # +20 at every seed: above 0
+    _write(store, "times", "importance_rest", [0.60, 0.70, 0.65, 0.75, 0.70])  # ALPS ties it: not below 0
+    _write(store, "times", "random", [0.50, 0.40, 0.60, 0.45, 0.55])
+    _write(store, "times", "importance", [0.30, 0.20, 0.40, 0.25, 0.35])  # -20 at every seed: below 0
+    _write(store, "times", "random_upper", [0.50, 0.45])  # two of five seeds
     d = heldout.collect(store, meta)
-    verdicts = {r["comparison"]["key"]: r["verdict"] for r in d["heldout"]["structured"]}
+    verdicts = {r["comparison"]["key"]: r["verdict"] for r in d["heldout"]["times"]}
     assert verdicts == {"P1": "holds", "P2": "holds", "P3": "fails", "P4": "pending (2/5 seeds)"}
     rest, head_only = d["settings"]["rest"], d["settings"]["head-only"]
     assert rest["recommended"] == "Importance + rest"  # the cheapest source nothing beats
     assert head_only["recommended"] == "Random"
-    lines = "\n".join(heldout.section(d, ["structured"]))
+    lines = "\n".join(heldout.section(d, ["times"]))
     assert "| P1 | ALPS + rest − Random + rest | 5 | +20.0 [+20.0, +20.0] |" in lines
-    assert "**fails**" in lines and "Random + rest on structured" not in lines
+    assert "**fails**" in lines and "Random + rest on times" not in lines

@@ -56,10 +56,10 @@ class AblationSizes:
     ratios: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2, 0.5])
     ratio_family: str = "arithmetic"
     metric_family: str = "arithmetic"
-    table1_families: list[str] = field(default_factory=lambda: ["arithmetic", "text", "structured"])
+    table1_families: list[str] = field(default_factory=lambda: ["arithmetic", "text", "times"])
     # Families whose Table 1 runs only these variants: the held-out family runs the pre-registered + rest arms.
     table1_only: dict[str, list[str]] = field(
-        default_factory=lambda: {"structured": ["alps_rest", "random_rest", "importance_rest"]}
+        default_factory=lambda: {"times": ["alps_rest", "random_rest", "importance_rest"]}
     )
     transfer_families: list[str] = field(default_factory=lambda: ["arithmetic", "text"])
     table1_lora_rank: int = 128
@@ -74,7 +74,7 @@ ABLATION_QUICK = AblationSizes(
     seeds=[0],
     table1_many_seeds=[0],
     ratios=[0.05, 0.1],
-    table1_families=["arithmetic", "structured"],
+    table1_families=["arithmetic", "times"],
     lr_grid={"lora128": [3e-4], "heads_5%": [1e-3]},
 )
 

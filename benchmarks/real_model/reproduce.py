@@ -18,7 +18,7 @@ LC, w/o attn, LoRA r128 and Full). An ablation row that is a head-choice arm reu
 ablations run seeds 0-1, Table 1's ALPS, Random and Importance + rest and Full seeds 0-4 (`ablations.AblationSizes`).
 
 Protocol (RESULTS_REAL.md states the sizes): three task families on which the base scores ~0% (`real_model.tasks`):
-addition and reversing words, and `structured`, held out (`Sizes.heldout`: only the arms of the pre-registered test
+addition and reversing words, and `times`, held out (`Sizes.heldout`: only the arms of the pre-registered test
 run on it, `config.arms_on`, with the candidate `random_upper`; `real_model.heldout` reports the verdict). Each has
 disjoint splits A (the task model's data), B (the arms' training data), validation and test. ALPS's task model is
 a full fine-tune on A; PAD (`alps_trl.localize_heads`) picks 10% of the heads. Every head arm trains only its heads'

@@ -95,6 +95,34 @@ def people_to_json(rng: random.Random, n: int = 3) -> Pair:
     return prompt, json.dumps(sorted(people, key=lambda p: p["age"]))
 
 
+MONTHS = "January February March April May June July August September October November December".split()
+
+
+def dates_to_iso(rng: random.Random, n: int = 2) -> Pair:
+    """Format conversion: n dates written out -> ISO 8601, comma-separated, in the given order.
+
+    'Write these dates in ISO format (YYYY-MM-DD), separated by commas: 5 March 1990, 21 July 2003. ...' ->
+    '1990-03-05, 2003-07-21' (days 1-28, years 1950-2030).
+    """
+    dates = [(rng.randint(1950, 2030), rng.randint(1, 12), rng.randint(1, 28)) for _ in range(n)]
+    written = ", ".join(f"{d} {MONTHS[m - 1]} {y}" for y, m, d in dates)
+    prompt = (
+        f"Write these dates in ISO format (YYYY-MM-DD), separated by commas: {written}. Reply with the dates only."
+    )
+    return prompt, ", ".join(f"{y:04d}-{m:02d}-{d:02d}" for y, m, d in dates)
+
+
+def times_to_24h(rng: random.Random, n: int = 2) -> Pair:
+    """Format conversion: n clock times in 12-hour form -> 24-hour form (HH:MM), comma-separated, in order.
+
+    'Write these times in 24-hour format (HH:MM), separated by commas: 3:45 PM, 9:05 AM. ...' -> '15:45, 09:05'.
+    """
+    times = [(rng.randint(1, 12), rng.randint(0, 59), rng.choice(("AM", "PM"))) for _ in range(n)]
+    written = ", ".join(f"{h}:{m:02d} {p}" for h, m, p in times)
+    prompt = f"Write these times in 24-hour format (HH:MM), separated by commas: {written}. Reply with the times only."
+    return prompt, ", ".join(f"{h % 12 + (12 if p == 'PM' else 0):02d}:{m:02d}" for h, m, p in times)
+
+
 GENERATORS: dict[str, Callable[[random.Random], Pair]] = {
     "addition": addition,
     "two_step": two_step,
@@ -103,6 +131,8 @@ GENERATORS: dict[str, Callable[[random.Random], Pair]] = {
     "reverse7": reverse_words,
     "reverse8": lambda rng: reverse_words(rng, 8),
     **{f"people{n}": (lambda rng, n=n: people_to_json(rng, n)) for n in range(2, 7)},
+    **{f"dates{n}": (lambda rng, n=n: dates_to_iso(rng, n)) for n in range(1, 5)},
+    **{f"times{n}": (lambda rng, n=n: times_to_24h(rng, n)) for n in range(1, 5)},
 }
 
 
