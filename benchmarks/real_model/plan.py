@@ -144,12 +144,12 @@ def plan(
                 refs = [arm for arm in references[part] if part != "table1" or seed in arm_seeds(arm)]
                 if part == "table1" and "full" not in {v.name for v in every} and seed in arm_seeds("full"):
                     refs.append("full")
-                if part != "table1":
-                    for arm in refs:
-                        run(fam, arm, seed)
+                before, after = ([], refs) if part == "table1" else (refs, [])  # Table 1's own rows first
+                for arm in before:
+                    run(fam, arm, seed)
                 for v in found:
                     run_variant(fam, v, seed)
-                for arm in refs if part == "table1" else ():  # Table 1's own rows first, its references after
+                for arm in after:
                     run(fam, arm, seed)
     return list(jobs.values())
 
