@@ -328,6 +328,8 @@ def _hub_handler(hub: LoopbackHub) -> type:
             if ranged:
                 first, _, last = ranged.removeprefix("bytes=").partition("-")
                 start, stop, status = int(first), min(size, int(last) + 1 if last else size), 206
+                if start >= size:  # as HTTP servers answer a range that starts past the end
+                    return self._send(416, b"", {"Content-Range": f"bytes */{size}"}, head)
             self.send_response(status)
             self.send_header("Content-Length", str(stop - start))
             self.send_header("Accept-Ranges", "bytes")

@@ -156,6 +156,40 @@ def test_cli_errors_are_one_line(pair, hub, tmp_path, task_id, expected):
     assert res.stderr.startswith(f"alps-localize: error: {expected}"), res.stderr
 
 
+def test_checkpoint_cut_short_on_the_server_fails_before_any_qkv_range(pair, hub, tmp_path):
+    """A model.safetensors whose tail is missing on the server: its header promises bytes past the file's end (the
+    size comes from the Content-Range of the first answer). One line, naming the file and the tensor, and no
+    q/k/v range is asked for."""
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_text((pair / "base" / "config.json").read_text())
+    data = (pair / "base" / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    hub.add_repo("acme/cut", str(cut))
+    expected = r"^acme/cut/model\.safetensors: tensor '.*' ends at byte \d+ of the data, past its end"
+    with pytest.raises(ValueError, match=expected):
+        open_weight_source("acme/cut", fetch="qkv")
+    ranges = [r for _, _, r in hub.requests if r]
+    assert len(ranges) == 2, ranges  # the header length, then the header: nothing else
+
+
+def test_an_answer_that_ends_early_is_not_asked_again_forever(pair, hub, monkeypatch):
+    """A range the server answers with fewer bytes than asked, without an error, counts as a dropped connection:
+    the rest is asked for once more, and the server's 416 for a range past the end is one line."""
+    from alps_trl.localization import remote
+
+    monkeypatch.setattr(remote, "_RETRY_WAIT_S", 0.0)
+    hub.add_repo("acme/base", str(pair / "base"))
+    size = (pair / "base" / "model.safetensors").stat().st_size
+    client = remote._Hub("acme/base", None, hub.url)
+    client.resolve()
+    hub.reset_counts()
+    with pytest.raises(OSError, match=r"^acme/base: HTTP 416 from http://127\.0\.0\.1"):
+        client.read_bytes("model.safetensors", size - 10, size + 10)
+    assert [r for _, _, r in hub.requests] == [f"bytes={size - 10}-{size + 9}", f"bytes={size}-{size + 9}"]
+    assert client.sizes["model.safetensors"] == size
+
+
 def test_without_fetch_nothing_is_requested(pair, hub):
     hub.add_repo("acme/task", str(pair / "task"))
     with pytest.raises(FileNotFoundError, match="pass --fetch qkv"):

@@ -132,6 +132,7 @@ class _Hub:
         self.repo_id, self.revision = repo_id, revision or "main"
         self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
         self.commit = self.revision
+        self.sizes: dict[str, int] = {}  # file name -> total bytes, from the Content-Range of a 206 answer
 
     def resolve(self) -> tuple[str, list[str]]:
         """(commit sha, file names) of the revision; later requests name the commit, so they all see one state."""
@@ -185,12 +186,15 @@ class _Hub:
                             f"{self.endpoint} ignored the byte range asked of {self.repo_id}/{filename} (HTTP "
                             f"{response.status_code}); --fetch qkv needs a server with range requests."
                         )
+                    self._record_size(filename, response.headers.get("Content-Range"))
                     for chunk in response.iter_bytes():  # as received: a drop loses none of it
                         chunk = chunk[: stop - pos]
                         sink(pos, chunk)
                         pos += len(chunk)
                         if pos >= stop:
                             break
+                    if pos < stop:  # the body ended early without an error: as a drop, so the loop is bounded
+                        raise ConnectionError(f"the answer ended at byte {pos} of {stop}")
             except ConnectionError as err:  # a dropped connection (translated by errors()), resumed at `pos`
                 if attempts >= MAX_RANGE_ATTEMPTS:
                     raise ConnectionError(
@@ -198,6 +202,12 @@ class _Hub:
                         "check the connection and run again (fetched rows are kept only for complete models)."
                     ) from None
                 time.sleep(_RETRY_WAIT_S * attempts)
+
+    def _record_size(self, filename: str, content_range: str | None) -> None:
+        """Keep the file's total size from a ``bytes a-b/total`` Content-Range (absent or ``*``: unknown)."""
+        total = (content_range or "").rpartition("/")[2].strip()
+        if total.isdigit():
+            self.sizes[filename] = int(total)
 
     def read_bytes(self, filename: str, start: int, stop: int) -> bytes:
         parts: list[bytes] = []
@@ -296,9 +306,8 @@ def _plan(hub: _Hub, files: list[str], cfg: dict, snapshot: str) -> _Plan:
     """Read the index and the needed shards' headers; lay out the cached files (their headers written)."""
     if SAFE_SINGLE in files:
         shard_of, index = None, None
-        header_len = parse_header_length(hub.read_bytes(SAFE_SINGLE, 0, 8), f"{hub.repo_id}/{SAFE_SINGLE}")
-        headers = {SAFE_SINGLE: (header_len, hub.read_bytes(SAFE_SINGLE, 8, 8 + header_len))}
-        names = set(parse_header(headers[SAFE_SINGLE][1], SAFE_SINGLE))
+        headers = {SAFE_SINGLE: _read_header(hub, SAFE_SINGLE)}
+        names = set(headers[SAFE_SINGLE][1])
     elif SAFE_INDEX in files:
         index = _json(hub.get(SAFE_INDEX), f"{hub.repo_id}/{SAFE_INDEX}")
         shard_of = index.get("weight_map") if isinstance(index, dict) else None
@@ -327,12 +336,10 @@ def _plan(hub: _Hub, files: list[str], cfg: dict, snapshot: str) -> _Plan:
     shards, header_bytes = [], 0
     for filename, tensor_names in by_shard.items():
         if filename not in headers:
-            where = f"{hub.repo_id}/{filename}"
-            header_len = parse_header_length(hub.read_bytes(filename, 0, 8), where)
-            headers[filename] = (header_len, hub.read_bytes(filename, 8, 8 + header_len))
-        header_len, raw = headers[filename]
+            headers[filename] = _read_header(hub, filename)
+        header_len, entries = headers[filename]
         header_bytes += 8 + header_len
-        shards.append(_shard(filename, parse_header(raw, filename), 8 + header_len, tensor_names, snapshot, hub))
+        shards.append(_shard(filename, entries, 8 + header_len, tensor_names, snapshot, hub))
     cached_index = None
     if index is not None:
         cached_index = {"metadata": {"source": f"{hub.repo_id}@{hub.commit}"}, "weight_map": {}}
@@ -345,6 +352,19 @@ def _plan(hub: _Hub, files: list[str], cfg: dict, snapshot: str) -> _Plan:
         order.append((shard, shard.ranges[pos[shard.filename]]))
         pos[shard.filename] += 1
     return _Plan(shards, cached_index, order, header_bytes)
+
+
+def _read_header(hub: _Hub, filename: str) -> tuple[int, dict[str, dict]]:
+    """(header length, checked tensor entries) of one remote safetensors file, read with two range requests.
+
+    The file's size (from the first answer's Content-Range) bounds the header and every tensor's bytes, so a file
+    cut short on the server fails here, in one line, before any q/k/v range is asked for.
+    """
+    where = f"{hub.repo_id}/{filename}"
+    header_len = parse_header_length(hub.read_bytes(filename, 0, 8), where, hub.sizes.get(filename))
+    size = hub.sizes.get(filename)
+    data_size = None if size is None else size - 8 - header_len
+    return header_len, parse_header(hub.read_bytes(filename, 8, 8 + header_len), where, data_size)
 
 
 def _shard(filename: str, entries: dict, data_start: int, names: list[str], snapshot: str, hub: _Hub) -> _Shard:
