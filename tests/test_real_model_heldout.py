@@ -150,3 +150,36 @@ def test_verdict_follows_the_preregistered_criteria_and_waits_for_every_seed(tmp
     lines = "\n".join(heldout.section(d, ["times"]))
     assert "| P1 | ALPS + rest − Random + rest | 5 | +20.0 [+20.0, +20.0] |" in lines
     assert "**fails**" in lines and "Random + rest on times" not in lines
+
+
+def test_readme_verdict_and_recommendation_are_the_committed_results():
+    """The README's held-out verdict table and the intervals its recommendation cites are what `heldout.collect`
+    computes today from the committed result files (not copied by hand and left to drift)."""
+    from benchmarks.real_model.tables import fmt_interval
+
+    root = os.path.join(os.path.dirname(os.path.dirname(__file__)))
+    results = os.path.join(root, "benchmarks", "results", "real_model")
+    with open(os.path.join(results, "config.json")) as f:
+        d = heldout.collect(Store(results), {"sizes": json.load(f)})
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    for r in d["heldout"]["times"]:
+        p, key = r["paired"], r["comparison"]["key"]
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {key} | "))
+        boot = p["em_bootstrap"]
+        assert f"| {fmt_interval(p['em'])} | [{100 * boot[1]:+.1f}, {100 * boot[2]:+.1f}] |" in row, row
+        assert f"| {r['verdict']}" in row.replace("**", ""), (row, r["verdict"])
+    assert d["settings"]["rest"]["recommended"] == "Random + rest"
+    assert d["settings"]["head-only"]["recommended"] == "Random"
+    # Every "source − Random" interval of the recommendation table, family by family.
+    table = readme[readme.index("| Setting | Use | Evidence") : readme.index("In both settings random heads")]
+    for setting, source, prefix in [
+        ("rest", "alps_rest", "ALPS + rest − Random + rest"),
+        ("rest", "importance_rest", "Importance + rest − Random + rest"),
+        ("head-only", "alps", "ALPS − Random"),
+        ("head-only", "importance", "Importance − Random"),
+    ]:
+        row = next(r for r in d["settings"][setting]["rows"] if r["source"] == source)
+        cited = [fmt_interval(row["families"][fam]["minus_random"]["em"]) for fam in ("arithmetic", "text", "times")]
+        text = table[table.index(prefix) + len(prefix) :].replace("**", "")
+        assert re.sub(r" \([^)]*\)", "", text).startswith(" " + "; ".join(cited)), (prefix, cited)
