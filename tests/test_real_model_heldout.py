@@ -155,19 +155,19 @@ def test_verdict_follows_the_preregistered_criteria_and_waits_for_every_seed(tmp
 def test_readme_verdict_and_recommendation_are_the_committed_results():
     """The README's held-out verdict table and the intervals its recommendation cites are what `heldout.collect`
     computes today from the committed result files (not copied by hand and left to drift)."""
-    from benchmarks.real_model.tables import fmt_interval
+    from recipe_helpers import REPO
 
-    root = os.path.join(os.path.dirname(os.path.dirname(__file__)))
-    results = os.path.join(root, "benchmarks", "results", "real_model")
+    from benchmarks.real_model.tables import fmt_bootstrap, fmt_interval
+
+    results = os.path.join(REPO, "benchmarks", "results", "real_model")
     with open(os.path.join(results, "config.json")) as f:
         d = heldout.collect(Store(results), {"sizes": json.load(f)})
-    with open(os.path.join(root, "README.md")) as f:
+    with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
     for r in d["heldout"]["times"]:
         p, key = r["paired"], r["comparison"]["key"]
         row = next(line for line in readme.splitlines() if line.startswith(f"| {key} | "))
-        boot = p["em_bootstrap"]
-        assert f"| {fmt_interval(p['em'])} | [{100 * boot[1]:+.1f}, {100 * boot[2]:+.1f}] |" in row, row
+        assert f"| {fmt_interval(p['em'])} | {fmt_bootstrap(p)} |" in row, row
         assert f"| {r['verdict']}" in row.replace("**", ""), (row, r["verdict"])
     assert d["settings"]["rest"]["recommended"] == "Random + rest"
     assert d["settings"]["head-only"]["recommended"] == "Random"

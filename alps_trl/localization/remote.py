@@ -361,8 +361,9 @@ def _read_header(hub: _Hub, filename: str) -> tuple[int, dict[str, dict]]:
     cut short on the server fails here, in one line, before any q/k/v range is asked for.
     """
     where = f"{hub.repo_id}/{filename}"
-    header_len = parse_header_length(hub.read_bytes(filename, 0, 8), where, hub.sizes.get(filename))
-    size = hub.sizes.get(filename)
+    raw_len = hub.read_bytes(filename, 0, 8)
+    size = hub.sizes.get(filename)  # known once the first answer came
+    header_len = parse_header_length(raw_len, where, size)
     data_size = None if size is None else size - 8 - header_len
     return header_len, parse_header(hub.read_bytes(filename, 8, 8 + header_len), where, data_size)
 

@@ -4,7 +4,7 @@ setting, one table each, marked with the paper's table it mirrors. Input: `real_
 from __future__ import annotations
 
 from benchmarks.real_model.ablations import PAPER_TABLE, percent
-from benchmarks.real_model.tables import MISSING, fmt_interval, mean_std
+from benchmarks.real_model.tables import MISSING, fmt_bootstrap, fmt_interval, mean_std
 
 DIFF_NOTE = (
     "Differences are paired (same seeds, same batches) over the seeds both rows have: mean [95% t interval over "
@@ -29,9 +29,8 @@ def _diff(paired: dict, key: str, pairs: bool = False) -> str:
     p = paired[key]
     if p is None:
         return MISSING
-    boot = p["em_bootstrap"]
     n = f" ({len(p['seeds'])} seeds)" if pairs else ""
-    return f"{fmt_interval(p['em'])}; [{100 * boot[1]:+.1f}, {100 * boot[2]:+.1f}]{n}"
+    return f"{fmt_interval(p['em'])}; {fmt_bootstrap(p)}{n}"
 
 
 def _forgetting(runs: list[dict]) -> tuple[str, str]:

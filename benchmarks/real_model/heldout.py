@@ -13,7 +13,7 @@ from typing import Any
 
 from benchmarks.real_model.stats import paired
 from benchmarks.real_model.store import Store
-from benchmarks.real_model.tables import MISSING, fmt_interval
+from benchmarks.real_model.tables import MISSING, fmt_bootstrap, fmt_interval
 
 HEAD_ONLY, REST = "head-only", "rest"
 
@@ -150,10 +150,9 @@ def section(d: dict, families: list[str]) -> list[str]:
                     f"{r['verdict']} |"
                 )
                 continue
-            boot = p["em_bootstrap"]
             lines.append(
                 f"| {c['key']} | {name} | {len(p['seeds'])} | {fmt_interval(p['em'])} | "
-                f"[{100 * boot[1]:+.1f}, {100 * boot[2]:+.1f}] | {CRITERION[c['holds_if']]} | **{r['verdict']}** |"
+                f"{fmt_bootstrap(p)} | {CRITERION[c['holds_if']]} | **{r['verdict']}** |"
             )
         lines.append("")
     lines += [

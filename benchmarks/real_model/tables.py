@@ -22,6 +22,12 @@ def fmt_interval(iv: tuple[float, ...] | None, scale: float = 100.0, digits: int
     return f"{iv[0] * scale:+.{digits}f} [{iv[1] * scale:+.{digits}f}, {iv[2] * scale:+.{digits}f}]"
 
 
+def fmt_bootstrap(p: dict) -> str:
+    """'[+lo, +hi]' in points: the paired item-bootstrap interval of exact match of a `stats.paired` result."""
+    boot = p["em_bootstrap"]
+    return f"[{100 * boot[1]:+.1f}, {100 * boot[2]:+.1f}]"
+
+
 COMPARISON_NOTE = (
     "Paired differences (row minus column arm, same seeds: same batches in the same order). t: 95% t interval over "
     "seeds (it includes the variation between selections drawn per seed). Bootstrap: 95% paired bootstrap over test "
@@ -158,9 +164,8 @@ def family_section(fam: str, d: dict, meta: dict) -> list[str]:
         if p is None:
             lines.append(f"| {name} | 0 | {MISSING} | {MISSING} | {MISSING} | {MISSING} |")
             continue
-        boot = p["em_bootstrap"]
         lines.append(
-            f"| {name} | {len(p['seeds'])} | {fmt_interval(p['em'])} | [{100 * boot[1]:+.1f}, {100 * boot[2]:+.1f}] | "
+            f"| {name} | {len(p['seeds'])} | {fmt_interval(p['em'])} | {fmt_bootstrap(p)} | "
             f"{fmt_interval(p['knowledge'])} | {fmt_interval(p['ppl'], 1, 2)} |"
         )
     checks = [r["greedy"] for runs in d["runs"].values() for r in runs if "greedy" in r]
